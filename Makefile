@@ -1,0 +1,33 @@
+# The README's contract: `make test` and (from issue 3 on) `make demo` set everything up themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; this machine's pip finds the wheel on disk. Override for a GPU build.
+TORCH_SPEC ?= torch==2.13.0
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install test test-all bench demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) benchmarks/bench_core.py
+
+demo: install
+	@echo "make demo arrives with the end-to-end workflow (issue 3); see README.md." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
