@@ -1,0 +1,102 @@
+"""One interface for every curvature approximation: accumulate → finalize → precondition."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..hooks.collector import LayerCapture
+from ..hooks.modules import LayerInfo
+from . import math as cm
+
+COVARIANCE = "covariance"  # token statistics A = E[ā āᵀ], S = E[ds dsᵀ]
+CORRECTION = "correction"  # per-sequence statistics Λ = E[(Q_Sᵀ DW Q_A)²]
+
+
+class Curvature:
+    """Base class. A strategy lists the passes over the data it needs in ``passes``.
+
+    For each pass the fitting loop calls ``accumulate`` once per batch with
+    every layer's captures, then ``finalize`` with the pass's token and
+    sequence counts. ``precondition`` applies (G + λI)⁻¹ per layer, in the
+    per-sequence scale of the summed loss (METHOD.md §1).
+    """
+
+    name: ClassVar[str]
+    passes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, layers: dict[str, LayerInfo]) -> None:
+        self.layers = dict(layers)
+        self.state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
+
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+        raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
+
+    def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
+        raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
+
+    def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """(G + λI)⁻¹ V for one layer, V [..., O, I]."""
+        raise NotImplementedError
+
+    def mean_eigenvalue(self, name: str) -> float:
+        """The mean eigenvalue of the layer's curvature, the unit of relative damping."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}::{key}": t.contiguous() for layer, d in self.state.items() for key, t in d.items()}
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.layers}
+        for full, t in flat.items():
+            layer, _, key = full.rpartition("::")
+            if layer not in state:
+                raise ValueError(f"factor tensor {full!r} belongs to no tracked layer")
+            state[layer][key] = t
+        self.state = state
+
+
+class Identity(Curvature):
+    """No preconditioning: the gradient dot product baseline."""
+
+    name = "identity"
+
+    def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
+        return v
+
+    def mean_eigenvalue(self, name: str) -> float:
+        return 1.0
+
+
+class EigenbasisCurvature(Curvature):
+    """Curvature diagonal in a Kronecker eigenbasis Q_A ⊗ Q_S with eigenvalues Λ [O, I].
+
+    The diagonal Fisher is the special case Q = identity (no Q stored).
+    """
+
+    def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
+        st = self.state[name]
+        return cm.precondition(v, st["lambda"].to(v.device), damping, _opt(st, "q_a", v), _opt(st, "q_s", v))
+
+    def mean_eigenvalue(self, name: str) -> float:
+        return float(self.state[name]["lambda"].mean())
+
+    def _accumulate_squares(self, captures: dict[str, LayerCapture]) -> None:
+        for name, cap in captures.items():
+            st = self.state[name]
+            q_a, q_s = _opt(st, "q_a", cap.a), _opt(st, "q_s", cap.a)
+            sq = cm.eigenbasis_squares(cap.a, cap.ds, q_a, q_s)
+            st["lambda_sum"] = st["lambda_sum"] + sq if "lambda_sum" in st else sq
+
+    def _finalize_squares(self, num_sequences: int) -> None:
+        for st in self.state.values():
+            st["lambda"] = st.pop("lambda_sum") / num_sequences
+
+
+def _opt(state: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor | None:
+    t = state.get(key)
+    return None if t is None else t.to(like.device)
+
+
+__all__ = ["Curvature", "Identity", "EigenbasisCurvature", "COVARIANCE", "CORRECTION"]

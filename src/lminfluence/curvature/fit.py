@@ -1,0 +1,154 @@
+"""Fitting curvature factors over a training set, and the Factors they make."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import FactorConfig
+from ..hooks.collector import Collector
+from ..hooks.modules import LayerInfo, fingerprint, layer_info, resolve_modules
+from ..passes import as_reiterable, model_device, run_pass
+from ..task.base import Task
+from .base import Curvature
+from .strategies import make_curvature
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Factors:
+    """Fitted curvature for a set of tracked layers of one model.
+
+    Attributes:
+        config: the FactorConfig that produced them.
+        curvature: the fitted strategy (holds per-layer tensors).
+        num_tokens: real tokens seen in the fitting pass(es).
+        num_sequences: training sequences seen.
+        fingerprint: hash of the tracked layers' weights; scoring against a
+            model whose weights differ is refused.
+        meta: free-form provenance (timings, versions).
+    """
+
+    config: FactorConfig
+    curvature: Curvature
+    num_tokens: int
+    num_sequences: int
+    fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> dict[str, LayerInfo]:
+        return self.curvature.layers
+
+    @property
+    def strategy(self) -> str:
+        return self.curvature.name
+
+    def save(self, path: str | Path) -> Path:
+        """Write factors.safetensors and manifest.json into the directory ``path``."""
+        from ..storage.factors import save_factors
+
+        return save_factors(self, path)
+
+    def check_model(self, modules: dict[str, nn.Module]) -> None:
+        """Raise if ``modules`` are not the layers these factors were fitted on."""
+        missing = [n for n in self.layers if n not in modules]
+        if missing:
+            raise ValueError(f"the model has no module(s) {', '.join(missing[:4])} that these factors track")
+        for n, info in self.layers.items():
+            if layer_info(modules[n]) != info:
+                raise ValueError(f"module {n!r} is {layer_info(modules[n])} in the model but {info} in the factors")
+        fp = fingerprint({n: modules[n] for n in self.layers})
+        if fp != self.fingerprint:
+            raise ValueError(
+                "these factors were fitted on a different model: the tracked weights' fingerprint "
+                f"is {fp} but the factors were fitted on {self.fingerprint}; refit the factors for this model"
+            )
+
+
+def tracked_modules(model: nn.Module, factors_or_patterns: Factors | tuple[str, ...] | None) -> dict[str, nn.Module]:
+    if isinstance(factors_or_patterns, Factors):
+        named = dict(model.named_modules())
+        mods = {n: named[n] for n in factors_or_patterns.layers if n in named}
+        factors_or_patterns.check_model(mods)
+        return mods
+    return resolve_modules(model, factors_or_patterns)
+
+
+def fit_factors(
+    model: nn.Module,
+    train: Iterable[Mapping[str, Any]],
+    config: FactorConfig = FactorConfig(),
+    *,
+    task: Task | None = None,
+    batch_size: int = 8,
+    output_dir: str | Path | None = None,
+) -> Factors:
+    """Fit the curvature approximation of ``config.strategy`` on ``train``.
+
+    Runs the passes the strategy needs (K-FAC one, EK-FAC two) with
+    pseudo-labels sampled from the model (or the true labels for the empirical
+    Fisher), accumulating statistics in float64.
+
+    Args:
+        model: a causal LM (or any model the task knows); left unchanged.
+        train: example dicts (see CausalLMTask); a list or ``datasets.Dataset``.
+        config: strategy, Fisher type, tracked modules, seed.
+        task: defaults to CausalLMTask().
+        batch_size: sequences per forward/backward pass.
+        output_dir: when given, the factors are also saved there.
+    """
+    from ..task.causal_lm import CausalLMTask
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    task = task or CausalLMTask()
+    train = as_reiterable(train, "train")
+    modules = resolve_modules(model, config.modules)
+    layers = {n: layer_info(m) for n, m in modules.items()}
+    curvature = make_curvature(config.strategy, layers)
+    logger.info("fitting %s on %d tracked layers", config.strategy, len(layers))
+
+    device = model_device(model)
+    num_tokens = num_sequences = 0
+    timings: dict[str, float] = {}
+    with Collector(modules) as collector:
+        for index, pass_name in enumerate(curvature.passes):
+            start = time.perf_counter()
+            generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + index)
+            num_tokens = num_sequences = 0
+            kind = "sampled" if config.fisher == "sampled" else "true"
+            for bc in run_pass(
+                model, task, collector, train, batch_size, kind, generator=generator, desc=f"fit {pass_name}"
+            ):
+                curvature.accumulate(pass_name, bc.captures)
+                num_tokens += bc.num_tokens
+                num_sequences += bc.num_sequences
+            curvature.finalize(pass_name, num_tokens, num_sequences)
+            timings[pass_name] = time.perf_counter() - start
+    if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
+        num_sequences = sum(1 for _ in train)
+        if num_sequences == 0:
+            raise ValueError("train: no examples (the dataset is empty)")
+    factors = Factors(
+        config=config,
+        curvature=curvature,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        fingerprint=fingerprint(modules),
+        meta={"seconds": timings, "torch": torch.__version__},
+    )
+    if output_dir is not None:
+        factors.save(output_dir)
+    return factors
+
+
+__all__ = ["Factors", "fit_factors", "tracked_modules"]

@@ -1,0 +1,126 @@
+"""Which layers are tracked, and the one adapter that knows nn.Linear and HF Conv1D."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 layer: weight stored [I, O]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a core dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+MLP_NAMES = frozenset({"mlp", "feed_forward", "ffn", "mlp_block", "dense_mlp"})
+ATTENTION_NAMES = frozenset({"attn", "self_attn", "attention", "self_attention", "cross_attn"})
+PRESETS = {"mlp": MLP_NAMES, "attention": ATTENTION_NAMES}
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tracked linear map s = W̄ ā, with ā = (a, 1) when the layer has a bias."""
+
+    kind: str  # "linear" | "conv1d"
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def in_dim(self) -> int:
+        """I: the size of ā, the bias coordinate included."""
+        return self.in_features + int(self.bias)
+
+    @property
+    def out_dim(self) -> int:
+        """O: the size of the layer's output."""
+        return self.out_features
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def layer_info(module: nn.Module) -> LayerInfo:
+    if isinstance(module, nn.Linear):
+        return LayerInfo("linear", module.in_features, module.out_features, module.bias is not None)
+    if Conv1D is not None and isinstance(module, Conv1D):
+        in_f, out_f = module.weight.shape
+        return LayerInfo("conv1d", in_f, out_f, module.bias is not None)
+    raise TypeError(f"{type(module).__name__} is not a supported layer (nn.Linear or transformers Conv1D)")
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """W̄ as an [O, I] matrix, the bias as its last column (a view-free copy)."""
+    info = layer_info(module)
+    w = module.weight.t() if info.kind == "conv1d" else module.weight  # [O, in]
+    if info.bias:
+        w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
+    return w.detach().clone()
+
+
+def _in_block(name: str, block_names: frozenset[str]) -> bool:
+    """True when the name runs through a numbered block, then one of ``block_names``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if _INDEX.match(part) and any(p in block_names for p in parts[i + 1 : -1]):
+            return True
+    return False
+
+
+def resolve_modules(model: nn.Module, patterns: Sequence[str] | None) -> dict[str, nn.Module]:
+    """The tracked modules by qualified name, in the model's order.
+
+    Args:
+        model: the model.
+        patterns: presets (``"mlp"``, ``"attention"``) or globs over module
+            names; None means ``("mlp",)``.
+
+    Raises:
+        ValueError: a pattern matched no linear layer, naming some that exist.
+    """
+    patterns = ("mlp",) if patterns is None else tuple(patterns)
+    candidates = {n: m for n, m in model.named_modules() if n and is_supported(m)}
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to track")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern in PRESETS:
+            hits = {n for n in candidates if _in_block(n, PRESETS[pattern])}
+        else:
+            hits = {n for n in candidates if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            examples = ", ".join(list(candidates)[:6])
+            hint = (
+                "the model's blocks have no module named like an MLP; pass modules=[...] with globs"
+                if pattern in PRESETS
+                else "check the spelling"
+            )
+            raise ValueError(
+                f"module pattern {pattern!r} matched no linear layer ({hint}); "
+                f"linear layers include: {examples}{', …' if len(candidates) > 6 else ''}"
+            )
+        chosen |= hits
+    return {n: m for n, m in candidates.items() if n in chosen}
+
+
+def fingerprint(modules: dict[str, nn.Module]) -> str:
+    """A hash of the tracked layers' names, shapes and weights (as float32), dtype-independent."""
+    h = hashlib.sha256()
+    for name, module in modules.items():
+        w = weight_matrix(module).to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+__all__ = ["LayerInfo", "is_supported", "layer_info", "weight_matrix", "resolve_modules", "fingerprint", "PRESETS"]

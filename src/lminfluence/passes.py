@@ -1,0 +1,127 @@
+"""One pass over a dataset: batch, forward, differentiate the chosen loss, capture."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .hooks.collector import Collector, LayerCapture
+from .task.base import Task
+
+logger = logging.getLogger(__name__)
+
+LossKind = Literal["true", "sampled", "measurement"]
+
+
+def as_reiterable(data: Iterable[Mapping[str, Any]], what: str) -> Sequence[Mapping[str, Any]] | Iterable:
+    """Data that can be iterated more than once (a one-shot iterator is read into a list)."""
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(f"{what} must be a sequence or iterable of example dicts, got {type(data).__name__}")
+    if iter(data) is data:  # a generator or iterator: would be empty on the second pass
+        data = list(data)
+        logger.info("read %d %s examples from a one-shot iterator into memory", len(data), what)
+    return data
+
+
+def num_examples(data: Iterable) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def batches(data: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
+    chunk: list[Mapping[str, Any]] = []
+    for ex in data:
+        chunk.append(ex)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for the duration (influence is of the deterministic model); restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class BatchCapture:
+    """What one batch of a pass produced."""
+
+    captures: dict[str, LayerCapture]
+    num_sequences: int
+    num_tokens: int
+    batch: dict[str, torch.Tensor]
+
+
+def run_pass(
+    model: nn.Module,
+    task: Task,
+    collector: Collector,
+    data: Iterable[Mapping[str, Any]],
+    batch_size: int,
+    loss_kind: LossKind,
+    *,
+    generator: torch.Generator | None = None,
+    desc: str = "",
+) -> Iterator[BatchCapture]:
+    """Yield each batch's captures for the gradient of the summed loss of ``loss_kind``.
+
+    ``true``: the training loss L with the data's labels; ``sampled``: L with
+    labels drawn from the model; ``measurement``: g = -f, the query's loss.
+    """
+    device = model_device(model)
+    total = num_examples(data)
+    seen = 0
+    with eval_mode(model), torch.enable_grad():
+        bar = tqdm(total=total, desc=desc, unit="seq", disable=None, leave=False)
+        try:
+            for examples in batches(data, batch_size):
+                batch = {k: v.to(device) for k, v in task.collate(examples).items()}
+                mask = task.token_mask(batch)
+                collector.begin(mask)
+                outputs = task.forward(model, batch)
+                if loss_kind == "true":
+                    loss = task.loss(outputs, batch)
+                elif loss_kind == "sampled":
+                    if generator is None:
+                        raise ValueError("sampled labels need a generator")
+                    loss = task.sampled_loss(outputs, batch, generator)
+                else:
+                    loss = -task.measurement(outputs, batch)
+                if not torch.isfinite(loss).all():
+                    raise FloatingPointError(f"{desc}: non-finite loss in the batch at example {seen}")
+                captures = collector.backward(loss.sum())
+                first = next(iter(captures.values()))
+                tokens = int(mask.sum()) if mask is not None else first.a.shape[0] * first.a.shape[1]
+                seen += len(examples)
+                bar.update(len(examples))
+                yield BatchCapture(captures, len(examples), tokens, batch)
+        finally:
+            bar.close()
+    if seen == 0:
+        raise ValueError(f"{desc or 'the data'}: no examples (the dataset is empty)")
+
+
+__all__ = ["as_reiterable", "batches", "run_pass", "eval_mode", "model_device", "BatchCapture", "LossKind"]

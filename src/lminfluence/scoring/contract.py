@@ -1,0 +1,132 @@
+"""Per-layer contractions between preconditioned queries and training captures (METHOD.md §5).
+
+score(q, z) for one layer = Σ_t ds_tᵀ P_q ā_t. Two ways to compute it:
+
+- materialise: DW_b = Σ_t ds_t ā_tᵀ per sequence, then ⟨P_q, DW_b⟩;
+  cost B·T·O·I + B·Q·O·I, no per-token terms.
+- project: per token, ds_tᵀ P_q ā_t directly; with P = U diag(σ) Vᵀ of rank R
+  this is Σ_k σ_k (ds_t·u_k)(v_k·ā_t), cost B·T·(O+I)·R·Q; with a dense P,
+  B·T·Q·O·I. Gives the per-token terms (Eq 31) for free.
+
+Neither ever holds an [N, O·I] tensor: DW is built for one chunk of one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..curvature.math import CHUNK_ELEMENTS, batch_chunks, low_rank, sequence_gradients
+
+# Low-rank layers may be expanded to a dense [Q, O, I] for materialising only under this size (elements).
+DENSE_QUERY_BUDGET = 1 << 26
+
+
+@dataclass
+class LayerQueries:
+    """All queries' preconditioned gradients P for one layer, dense or rank-R.
+
+    Attributes:
+        dense: P as [Q, O, I], or None when only the factors are kept.
+        u, s, v: P ≈ U diag(σ) Vᵀ with U [Q, O, R], σ [Q, R], V [Q, I, R].
+    """
+
+    dense: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, p: torch.Tensor, rank: int | None) -> "LayerQueries":
+        """Keep P [Q, O, I] dense, or as its best rank-``rank`` factors when that is smaller."""
+        if rank is None or rank >= min(p.shape[-2:]):
+            return cls(dense=p)
+        u, s, v = low_rank(p, rank)
+        return cls(u=u, s=s, v=v)
+
+    @classmethod
+    def concat(cls, parts: list["LayerQueries"]) -> "LayerQueries":
+        def cat(name: str) -> torch.Tensor | None:
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        return cls(dense=cat("dense"), u=cat("u"), s=cat("s"), v=cat("v"))
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.u is not None
+
+    @property
+    def num_queries(self) -> int:
+        return (self.dense if self.dense is not None else self.u).shape[0]  # type: ignore[union-attr]
+
+    def expanded(self) -> torch.Tensor:
+        """The dense [Q, O, I] (reconstructed from the factors if needed, then kept)."""
+        if self.dense is None:
+            self.dense = (self.u * self.s.unsqueeze(1)) @ self.v.transpose(1, 2)  # [Q, O, R] @ [Q, R, I]
+        return self.dense
+
+
+def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: str) -> str:
+    """'materialize', 'project' or 'project_low_rank' for one layer and batch length T."""
+    Q = lq.num_queries
+    project = "project_low_rank" if lq.is_low_rank else "project"
+    if per_token or forced == "project":
+        return project
+    if forced == "materialize":
+        return "materialize"
+    cost_mat = T * O * I + Q * O * I
+    if lq.is_low_rank:
+        rank = lq.u.shape[-1]  # type: ignore[union-attr]
+        cost_proj = T * (O + I) * rank * Q
+        if lq.dense is None and Q * O * I > DENSE_QUERY_BUDGET:
+            return project  # expanding the factors would cost the memory they save
+    else:
+        cost_proj = T * Q * O * I
+    return "materialize" if cost_mat <= cost_proj else project
+
+
+def layer_scores(
+    lq: LayerQueries, a: torch.Tensor, ds: torch.Tensor, algorithm: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's scores for one batch: totals [Q, B] and, when projecting, per-token [Q, B, T]."""
+    B, T, I = a.shape
+    O = ds.shape[-1]
+    if algorithm == "materialize":
+        p = lq.expanded().reshape(lq.num_queries, O * I).to(a.dtype)  # [Q, O·I]
+        totals = [p @ sequence_gradients(a[sl], ds[sl]).reshape(-1, O * I).T for sl in batch_chunks(B, O * I)]
+        return torch.cat(totals, dim=1), None  # [Q, B]
+    a2, ds2 = a.reshape(B * T, I), ds.reshape(B * T, O)
+    if algorithm == "project_low_rank":
+        tok = _project_low_rank(lq, a2, ds2)
+    else:
+        tok = _project_dense(lq.expanded(), a2, ds2)
+    per_token = tok.T.reshape(-1, B, T)  # [Q, B, T]
+    return per_token.sum(-1), per_token
+
+
+def _project_low_rank(lq: LayerQueries, a2: torch.Tensor, ds2: torch.Tensor) -> torch.Tensor:
+    """Σ_k σ_k (ds_t·u_k)(v_k·ā_t) for every token and query, [B·T, Q]."""
+    Q, O, R = lq.u.shape  # type: ignore[union-attr]
+    I = lq.v.shape[1]  # type: ignore[union-attr]
+    out = []
+    for qs in batch_chunks(Q, a2.shape[0] * R, CHUNK_ELEMENTS):
+        u = lq.u[qs].to(a2.dtype).permute(1, 0, 2).reshape(O, -1)  # [O, q·R]
+        v = lq.v[qs].to(a2.dtype).permute(1, 0, 2).reshape(I, -1)  # [I, q·R]
+        x = (ds2 @ u) * (a2 @ v)  # [B·T, q·R]
+        out.append((x.view(a2.shape[0], -1, R) * lq.s[qs].to(a2.dtype)).sum(-1))  # [B·T, q]
+    return torch.cat(out, dim=1)
+
+
+def _project_dense(p: torch.Tensor, a2: torch.Tensor, ds2: torch.Tensor) -> torch.Tensor:
+    """ds_tᵀ P_q ā_t for every token and query with a dense P [Q, O, I], [B·T, Q]."""
+    Q, O, I = p.shape
+    out = []
+    for qs in batch_chunks(Q, a2.shape[0] * O, CHUNK_ELEMENTS):
+        pa = a2 @ p[qs].to(a2.dtype).permute(2, 0, 1).reshape(I, -1)  # [B·T, q·O]: P_q ā_t
+        out.append((pa.view(a2.shape[0], -1, O) * ds2.unsqueeze(1)).sum(-1))  # [B·T, q]
+    return torch.cat(out, dim=1)
+
+
+__all__ = ["LayerQueries", "choose", "layer_scores", "DENSE_QUERY_BUDGET"]

@@ -1,0 +1,182 @@
+"""Pairwise influence scores, per-layer and per-token decompositions, self-influence."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ScoreConfig
+from ..curvature.fit import Factors, tracked_modules
+from ..curvature.math import batch_chunks, sequence_gradients
+from ..hooks.collector import Collector
+from ..passes import as_reiterable, run_pass
+from ..task.base import Task
+from .contract import LayerQueries, choose, layer_scores
+
+logger = logging.getLogger(__name__)
+
+SCALE_NOTE = (
+    "raw influence: first-order change of log p(completion | prompt) per unit up-weighting of the "
+    "training sequence in the mean training objective; positive = the sequence raises the probability. "
+    "Divide by train_size for the effect of adding one copy of the sequence."
+)
+
+
+@dataclass
+class Scores:
+    """Influence scores (METHOD.md §1: positive = raises log p(completion)).
+
+    Attributes:
+        total: [Q, N] for pairwise scores, [N] for self-influence.
+        per_layer: layer name → same shape as ``total`` (Eq 30), when asked for.
+        per_token: [Q, N, T] (Eq 31), when asked for; token t's term belongs to
+            input position t (the token before the one it predicts); padding is 0.
+        meta: strategy, damping per layer, query rank, train_size, the scale note.
+    """
+
+    total: torch.Tensor
+    per_layer: dict[str, torch.Tensor] | None = None
+    per_token: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest scores of each query and their training indices, [Q, k] each."""
+        return torch.topk(self.total, min(k, self.total.shape[-1]), dim=-1)
+
+
+def _setup(model: nn.Module, factors: Factors, config: ScoreConfig, task: Task | None):
+    from ..task.causal_lm import CausalLMTask
+
+    if not isinstance(config, ScoreConfig):
+        raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
+    modules = tracked_modules(model, factors)
+    curvature = factors.curvature
+    dampings = {n: config.damping_for(curvature.mean_eigenvalue(n)) for n in modules}
+    meta = {
+        "strategy": factors.strategy,
+        "damping": dampings,
+        "query_rank": config.query_rank,
+        "train_size": factors.num_sequences,
+        "scale": SCALE_NOTE,
+    }
+    return modules, curvature, dampings, task or CausalLMTask(), meta
+
+
+def precondition_queries(
+    model: nn.Module,
+    factors: Factors,
+    queries: Iterable[Mapping[str, Any]],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    task: Task | None = None,
+) -> dict[str, LayerQueries]:
+    """P = (G + λI)⁻¹ ∇g for each query and layer (g = -f), dense or rank-R (Eq 21, §3.2.2)."""
+    modules, curvature, dampings, task, _ = _setup(model, factors, config, task)
+    parts: dict[str, list[LayerQueries]] = {n: [] for n in modules}
+    with Collector(modules) as col:
+        for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
+            for name, cap in bc.captures.items():
+                v = sequence_gradients(cap.a, cap.ds)  # [b, O, I]: ∇g per query
+                p = curvature.precondition(name, v, dampings[name])
+                parts[name].append(LayerQueries.build(p, config.query_rank))
+    return {n: LayerQueries.concat(ps) for n, ps in parts.items()}
+
+
+def _pad_cat(chunks: list[torch.Tensor], dim_n: int) -> torch.Tensor:
+    """Concatenate [..., b, T_b] chunks along the sequence axis, zero-padding T to the longest."""
+    length = max(c.shape[-1] for c in chunks)
+    return torch.cat([F.pad(c, (0, length - c.shape[-1])) for c in chunks], dim=dim_n)
+
+
+def compute_scores(
+    model: nn.Module,
+    factors: Factors,
+    queries: Iterable[Mapping[str, Any]],
+    train: Iterable[Mapping[str, Any]],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    task: Task | None = None,
+) -> Scores:
+    """Influence of every training sequence on every query, [Q, N] (Eq 25).
+
+    The queries are preconditioned once; the training data is then streamed in
+    batches with one forward and one backward pass each, the backward reaching
+    only the tracked layers' outputs (no parameter gradients). Memory does not
+    grow with N beyond the result.
+    """
+    modules, _, _, task, meta = _setup(model, factors, config, task)
+    queries = as_reiterable(queries, "queries")
+    pq = precondition_queries(model, factors, queries, config, task=task)
+    totals: list[torch.Tensor] = []
+    layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    token_parts: list[torch.Tensor] = []
+    with Collector(modules) as col:
+        for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="score"):
+            batch_total = 0
+            batch_tokens = 0
+            for name, cap in bc.captures.items():
+                B, T, I = cap.a.shape
+                algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm)
+                tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm)
+                batch_total = batch_total + tot
+                if config.per_layer:
+                    layer_parts[name].append(tot.cpu())
+                if config.per_token:
+                    batch_tokens = batch_tokens + tok
+            totals.append(batch_total.cpu())  # type: ignore[union-attr]
+            if config.per_token:
+                token_parts.append(batch_tokens.cpu())  # type: ignore[union-attr]
+    return Scores(
+        total=torch.cat(totals, dim=1),
+        per_layer={n: torch.cat(p, dim=1) for n, p in layer_parts.items()} if config.per_layer else None,
+        per_token=_pad_cat(token_parts, 1) if config.per_token else None,
+        meta=meta,
+    )
+
+
+def compute_self_scores(
+    model: nn.Module,
+    factors: Factors,
+    train: Iterable[Mapping[str, Any]],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    task: Task | None = None,
+) -> Scores:
+    """Self-influence ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) of every training sequence, [N].
+
+    Large values flag outliers and memorised sequences. ``per_layer`` fills
+    ``Scores.per_layer`` with [N] tensors; per-token self-influence is not defined.
+    """
+    if config.per_token:
+        raise ValueError("per_token is not defined for self-influence; use per_layer")
+    modules, curvature, dampings, task, meta = _setup(model, factors, config, task)
+    totals: list[torch.Tensor] = []
+    layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    with Collector(modules) as col:
+        for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="self-influence"):
+            batch_total = 0
+            for name, cap in bc.captures.items():
+                B, _, I = cap.a.shape
+                parts = []
+                for sl in batch_chunks(B, cap.ds.shape[-1] * I):
+                    dw = sequence_gradients(cap.a[sl], cap.ds[sl])  # [b, O, I]
+                    parts.append((curvature.precondition(name, dw, dampings[name]) * dw).sum((1, 2)))
+                tot = torch.cat(parts)
+                batch_total = batch_total + tot
+                if config.per_layer:
+                    layer_parts[name].append(tot.cpu())
+            totals.append(batch_total.cpu())  # type: ignore[union-attr]
+    return Scores(
+        total=torch.cat(totals),
+        per_layer={n: torch.cat(p) for n, p in layer_parts.items()} if config.per_layer else None,
+        meta=meta,
+    )
+
+
+__all__ = ["Scores", "compute_scores", "compute_self_scores", "precondition_queries", "SCALE_NOTE"]
