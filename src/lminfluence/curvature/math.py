@@ -33,7 +33,7 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition in float64 of a symmetric PSD matrix; round-off negatives set to 0."""
     m = matrix.double()
     evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    return evals.clamp_min(0.0), evecs
+    return evals.clamp_min(0.0), evecs.contiguous()  # row-major, as it will be after a save and load
 
 
 def eigenbasis_squares(

@@ -1,0 +1,122 @@
+"""Invariance tier: how the work is split must not change the numbers."""
+
+import pytest
+import torch
+from helpers import random_queries, random_sequences, tiny_gpt2, tiny_llama
+
+import lminfluence as li
+from lminfluence.curvature.math import low_rank
+from lminfluence.scoring.contract import LayerQueries, layer_scores
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_gpt2()
+    train = random_sequences(9)
+    queries = random_queries(4)
+    factors = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), batch_size=4)
+    return model, train, queries, factors
+
+
+def test_fit_batch_size_invariance(setup):
+    """Factors fitted with batch size 1 and 4 are equal (padding masked out of A, S and Λ)."""
+    model, train, _, factors = setup
+    other = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), batch_size=1)
+    assert other.num_tokens == factors.num_tokens == sum(len(e["input_ids"]) for e in train)
+    for n in factors.layers:
+        torch.testing.assert_close(other.curvature.state[n]["lambda"], factors.curvature.state[n]["lambda"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(train_batch_size=1), dict(query_batch_size=1), dict(train_batch_size=9, query_batch_size=3)])
+def test_batching_and_query_chunking_invariance(setup, kwargs):
+    """Scores do not depend on how training sequences or queries are batched (padding included)."""
+    model, train, queries, factors = setup
+    base = li.compute_scores(model, factors, queries, train, li.ScoreConfig(train_batch_size=4, query_batch_size=4))
+    other = li.compute_scores(model, factors, queries, train, li.ScoreConfig(**kwargs))
+    torch.testing.assert_close(other.total, base.total, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_algorithm_invariance_and_decompositions(setup, rank):
+    """materialise, project and auto give the same totals; per-layer scores sum to the
+    total (Eq 30) and per-token scores sum to the total (Eq 31)."""
+    model, train, queries, factors = setup
+    results = {
+        alg: li.compute_scores(
+            model, factors, queries, train, li.ScoreConfig(algorithm=alg, query_rank=rank, per_layer=True)
+        )
+        for alg in ("materialize", "project", "auto")
+    }
+    for alg, s in results.items():
+        torch.testing.assert_close(s.total, results["materialize"].total, rtol=1e-9, atol=1e-12, msg=alg)
+        torch.testing.assert_close(sum(s.per_layer.values()), s.total)
+    tok = li.compute_scores(model, factors, queries, train, li.ScoreConfig(per_token=True, query_rank=rank))
+    torch.testing.assert_close(tok.per_token.sum(-1), results["auto"].total, rtol=1e-9, atol=1e-12)
+    assert tok.per_token.shape == (len(queries), len(train), max(len(e["input_ids"]) for e in train))
+
+
+def test_full_rank_factorisation_is_exact():
+    """A rank-min(O, I) factorisation projects to the same scores as the dense P."""
+    g = torch.Generator().manual_seed(0)
+    Q, B, T, O, I = 3, 2, 5, 6, 4
+    p = torch.randn(Q, O, I, generator=g, dtype=torch.float64)
+    a = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    ds = torch.randn(B, T, O, generator=g, dtype=torch.float64)
+    u, s, v = low_rank(p, min(O, I))
+    full = LayerQueries(u=u, s=s, v=v)
+    dense = LayerQueries(dense=p)
+    want = torch.einsum("qoi,bto,bti->qbt", p, ds, a)
+    for lq, alg in ((full, "project_low_rank"), (dense, "project"), (full, "materialize"), (dense, "materialize")):
+        tot, tok = layer_scores(lq, a, ds, alg)
+        torch.testing.assert_close(tot, want.sum(-1))
+        if tok is not None:
+            torch.testing.assert_close(tok, want)
+    assert LayerQueries.build(p, rank=4).dense is not None  # rank ≥ min(O, I): kept exact
+    assert LayerQueries.build(p, rank=3).is_low_rank
+
+
+def test_query_rank_at_least_layer_width_is_exact(setup):
+    """query_rank ≥ min(O, I) on every layer leaves scores unchanged."""
+    model, train, queries, factors = setup
+    widest = max(min(i.out_dim, i.in_dim) for i in factors.layers.values())
+    exact = li.compute_scores(model, factors, queries, train)
+    ranked = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=widest))
+    torch.testing.assert_close(ranked.total, exact.total)
+
+
+def test_float32_path_matches_float64():
+    """The same model in float32 gives the float64 scores to float32 precision."""
+    model = tiny_llama()
+    train = random_sequences(6)
+    queries = random_queries(2)
+    f64 = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"))
+    s64 = li.compute_scores(model, f64, queries, train)
+    model32 = tiny_llama(dtype=torch.float32)
+    f32 = li.fit_factors(model32, train, li.FactorConfig(fisher="empirical"))
+    s32 = li.compute_scores(model32, f32, queries, train)
+    assert s32.total.dtype == torch.float32
+    scale = s64.total.abs().max()
+    torch.testing.assert_close(s32.total.double(), s64.total, rtol=0, atol=1e-3 * float(scale))
+
+
+def test_save_load_round_trip(setup, tmp_path):
+    """Saved and reloaded factors give identical scores; the manifest records the fit."""
+    model, train, queries, factors = setup
+    factors.save(tmp_path / "f")
+    loaded = li.load_factors(tmp_path / "f", model=model)
+    assert loaded.layers == factors.layers and loaded.config == factors.config
+    assert loaded.num_tokens == factors.num_tokens and loaded.num_sequences == len(train)
+    a = li.compute_scores(model, factors, queries, train)
+    b = li.compute_scores(model, loaded, queries, train)
+    assert torch.equal(a.total, b.total)
+
+
+def test_fit_writes_output_dir_and_iterators_work(tmp_path):
+    """output_dir saves the factors; one-shot iterators are accepted for train and queries."""
+    model = tiny_gpt2()
+    train = random_sequences(5)
+    factors = li.fit_factors(model, iter(train), output_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "manifest.json").is_file()
+    s1 = li.compute_scores(model, factors, (q for q in random_queries(2)), (t for t in train))
+    s2 = li.compute_scores(model, factors, random_queries(2), train)
+    torch.testing.assert_close(s1.total, s2.total)
