@@ -77,7 +77,10 @@ def precondition_queries(
     task: Task | None = None,
 ) -> dict[str, LayerQueries]:
     """P = (G + λI)⁻¹ ∇g for each query and layer (g = -f), dense or rank-R (Eq 21, §3.2.2)."""
-    modules, curvature, dampings, task, _ = _setup(model, factors, config, task)
+    return _precondition(model, *_setup(model, factors, config, task)[:4], queries, config)
+
+
+def _precondition(model, modules, curvature, dampings, task, queries, config) -> dict[str, LayerQueries]:
     parts: dict[str, list[LayerQueries]] = {n: [] for n in modules}
     with Collector(modules) as col:
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
@@ -110,9 +113,8 @@ def compute_scores(
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
     """
-    modules, _, _, task, meta = _setup(model, factors, config, task)
-    queries = as_reiterable(queries, "queries")
-    pq = precondition_queries(model, factors, queries, config, task=task)
+    modules, curvature, dampings, task, meta = _setup(model, factors, config, task)
+    pq = _precondition(model, modules, curvature, dampings, task, as_reiterable(queries, "queries"), config)
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from .base import Batch, Task
 
 IGNORE_INDEX = -100
+SAMPLE_CHUNK = 1024  # positions whose predictive distribution is materialised at once when sampling labels
 
 
 def _as_long_1d(value: Any, key: str, index: int) -> torch.Tensor:
@@ -86,8 +87,12 @@ class CausalLMTask(Task):
 
     def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            probs = torch.softmax(outputs[:, :-1].detach().float(), dim=-1)  # [B, T-1, V]
-            drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
+            logits = outputs[:, :-1].detach()  # [B, T-1, V]
+            rows = logits.reshape(-1, logits.shape[-1])
+            # softmax in float32 a chunk of positions at a time: [B·T, V] at once is GBs for real vocabularies
+            drawn = torch.cat(
+                [torch.multinomial(torch.softmax(c.float(), -1), 1, generator=generator) for c in rows.split(SAMPLE_CHUNK)]
+            ).view(logits.shape[:-1])
             labels = batch["labels"].clone()
             keep = labels[:, 1:] != IGNORE_INDEX  # same loss-carrying positions as the true labels
             labels[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
