@@ -120,3 +120,19 @@ def test_fit_writes_output_dir_and_iterators_work(tmp_path):
     s1 = li.compute_scores(model, factors, (q for q in random_queries(2)), (t for t in train))
     s2 = li.compute_scores(model, factors, random_queries(2), train)
     torch.testing.assert_close(s1.total, s2.total)
+
+
+def test_datasets_dataset_input(setup):
+    """A datasets.Dataset (rows as lists, or torch-formatted) gives the same scores as a list of dicts."""
+    import datasets  # a dev dependency: its absence is a failure, not a skip
+    model, train, queries, factors = setup
+    rows = {"input_ids": [e["input_ids"].tolist() for e in train]}
+    plain = datasets.Dataset.from_dict(rows)
+    formatted = datasets.Dataset.from_dict(rows).with_format("torch")
+    q = datasets.Dataset.from_dict({k: [e[k].tolist() for e in queries] for k in ("input_ids", "labels")})
+    want = li.compute_scores(model, factors, queries, train).total
+    for data in (plain, formatted):
+        torch.testing.assert_close(li.compute_scores(model, factors, q, data).total, want)
+    refit = li.fit_factors(model, plain, li.FactorConfig(fisher="empirical"), batch_size=4)
+    for n in factors.layers:
+        torch.testing.assert_close(refit.curvature.state[n]["lambda"], factors.curvature.state[n]["lambda"])
