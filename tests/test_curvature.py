@@ -221,3 +221,28 @@ def test_wbar_grad_helper_matches_conv1d_layout():
     g = wbar_grad(conv)
     assert g.shape == (3, 5)
     torch.testing.assert_close(g[:, :4], torch.ones(3, 2, dtype=torch.float64) @ x)
+
+
+def test_block_triangular_covariance_symmetrizes_to_the_full_gram():
+    """For D ≥ 512 only the upper tiles are computed; symmetrize(sum) = Σ x xᵀ exactly."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2, 7, 530, generator=g, dtype=torch.float64)
+    x2 = torch.randn(3, 5, 530, generator=g, dtype=torch.float64)
+    partial = cm.token_covariance(x1) + cm.token_covariance(x2)
+    assert (torch.tril(partial, -200) == 0).all()  # the lower tiles really are skipped
+    want = sum(x.reshape(-1, 530).T @ x.reshape(-1, 530) for x in (x1, x2))
+    torch.testing.assert_close(cm.symmetrize(partial), want)
+    small = torch.randn(4, 3, 20, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cm.symmetrize(cm.token_covariance(small)), small.reshape(-1, 20).T @ small.reshape(-1, 20))
+
+
+def test_low_rank_factors_match_truncated_svd():
+    """U diag(σ) Vᵀ from the Gram eigendecomposition equals the rank-R truncated SVD, wide and tall."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 12, 7), (3, 7, 12)]:
+        p = torch.randn(*shape, generator=g, dtype=torch.float64)
+        u, s, v = cm.low_rank(p, 4)
+        uu, ss, vh = torch.linalg.svd(p, full_matrices=False)
+        want = uu[..., :4] @ torch.diag_embed(ss[..., :4]) @ vh[..., :4, :]
+        torch.testing.assert_close((u * s.unsqueeze(1)) @ v.transpose(1, 2), want)
+        torch.testing.assert_close(s, ss[..., :4])

@@ -29,6 +29,8 @@ class Curvature:
     def __init__(self, layers: dict[str, LayerInfo]) -> None:
         self.layers = dict(layers)
         self.state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
+        # Q_A, Q_S cast to the compute dtype and device, derived from state (never saved)
+        self._bases: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
@@ -55,6 +57,17 @@ class Curvature:
                 raise ValueError(f"factor tensor {full!r} belongs to no tracked layer")
             state[layer][key] = t
         self.state = state
+        self._bases.clear()
+
+    def bases(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(Q_A, Q_S) of a layer in ``like``'s dtype and device; None for the parameter basis."""
+        key = (name, like.dtype, like.device)
+        if key not in self._bases:
+            st = self.state[name]
+            self._bases[key] = tuple(  # type: ignore[assignment]
+                None if st.get(k) is None else st[k].to(device=like.device, dtype=like.dtype) for k in ("q_a", "q_s")
+            )
+        return self._bases[key]
 
 
 class Identity(Curvature):
@@ -76,8 +89,8 @@ class EigenbasisCurvature(Curvature):
     """
 
     def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
-        st = self.state[name]
-        return cm.precondition(v, st["lambda"].to(v.device), damping, _opt(st, "q_a", v), _opt(st, "q_s", v))
+        q_a, q_s = self.bases(name, v)
+        return cm.precondition(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
 
     def mean_eigenvalue(self, name: str) -> float:
         return float(self.state[name]["lambda"].mean())
@@ -85,18 +98,15 @@ class EigenbasisCurvature(Curvature):
     def _accumulate_squares(self, captures: dict[str, LayerCapture]) -> None:
         for name, cap in captures.items():
             st = self.state[name]
-            q_a, q_s = _opt(st, "q_a", cap.a), _opt(st, "q_s", cap.a)
-            sq = cm.eigenbasis_squares(cap.a, cap.ds, q_a, q_s)
-            st["lambda_sum"] = st["lambda_sum"] + sq if "lambda_sum" in st else sq
+            sq = cm.eigenbasis_squares(cap.a, cap.ds, *self.bases(name, cap.a))
+            if "lambda_sum" in st:
+                st["lambda_sum"].add_(sq)
+            else:
+                st["lambda_sum"] = sq
 
     def _finalize_squares(self, num_sequences: int) -> None:
         for st in self.state.values():
             st["lambda"] = st.pop("lambda_sum") / num_sequences
-
-
-def _opt(state: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor | None:
-    t = state.get(key)
-    return None if t is None else t.to(like.device)
 
 
 __all__ = ["Curvature", "Identity", "EigenbasisCurvature", "COVARIANCE", "CORRECTION"]

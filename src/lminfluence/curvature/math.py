@@ -23,16 +23,33 @@ def sequence_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     return torch.bmm(ds.transpose(1, 2), a)  # [B, O, T] @ [B, T, I]
 
 
-def token_covariance(x: torch.Tensor) -> torch.Tensor:
-    """Σ over all positions of x_t x_tᵀ, accumulated in float64, [D, D]."""
+def token_covariance(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """Σ over all positions of x_t x_tᵀ in float64, [D, D], upper block triangle only.
+
+    For D ≥ 512 the matrix is cut into ``blocks`` × ``blocks`` tiles and only the
+    tiles on and above the diagonal are computed (10 of 16 GEMM tiles for 4
+    blocks); the rest is left zero. ``symmetrize`` restores the full matrix
+    from a sum of such results.
+    """
     flat = x.reshape(-1, x.shape[-1])  # [B·T, D]
-    return (flat.T @ flat).double()
+    D = flat.shape[1]
+    if D < 512:
+        return (flat.T @ flat).double()
+    out = torch.zeros(D, D, dtype=torch.float64, device=x.device)
+    step = -(-D // blocks)
+    for i in range(0, D, step):
+        out[i : i + step, i:] = flat[:, i : i + step].T @ flat[:, i:]
+    return out
+
+
+def symmetrize(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
 
 
 def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition in float64 of a symmetric PSD matrix; round-off negatives set to 0."""
-    m = matrix.double()
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    evals, evecs = torch.linalg.eigh(matrix.double())
     return evals.clamp_min(0.0), evecs.contiguous()  # row-major, as it will be after a save and load
 
 
@@ -57,7 +74,7 @@ def eigenbasis_squares(
         r = sequence_gradients(a[sl], ds[sl])  # [b, O, I]
         if q_a is not None and not rotate_tokens:
             r = q_s.to(r.dtype).T @ r @ q_a.to(r.dtype)
-        out += r.square().sum(0).double()
+        out.add_(r.square_().sum(0))
     return out
 
 
@@ -81,15 +98,29 @@ def precondition(
 
 
 def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-R factors of each P [Q, O, I]: U [Q, O, R], σ [Q, R], V [Q, I, R] (§3.2.2)."""
-    u, s, vh = torch.linalg.svd(p, full_matrices=False)
-    return u[..., :rank].contiguous(), s[..., :rank].contiguous(), vh[..., :rank, :].transpose(-1, -2).contiguous()
+    """Best rank-R factors of each P [Q, O, I]: U [Q, O, R], σ [Q, R], V [Q, I, R] (§3.2.2).
+
+    The top singular pairs come from the float64 eigendecomposition of the small
+    Gram matrix (min(O, I) square), several times faster than a full SVD; the
+    other side is recovered as P v_k / σ_k.
+    """
+    tall = p.shape[-2] >= p.shape[-1]
+    m = p if tall else p.transpose(-1, -2)  # [Q, big, small]
+    m64 = m.double()
+    evals, evecs = torch.linalg.eigh(m64.transpose(-1, -2) @ m64)  # ascending
+    small = evecs[..., -rank:].flip(-1)  # [Q, small, R]
+    sigma = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()  # [Q, R]
+    big = (m64 @ small) / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)  # [Q, big, R]
+    big, small, sigma = big.to(p.dtype), small.to(p.dtype), sigma.to(p.dtype)
+    u, v = (big, small) if tall else (small, big)
+    return u.contiguous(), sigma.contiguous(), v.contiguous()
 
 
 __all__ = [
     "batch_chunks",
     "sequence_gradients",
     "token_covariance",
+    "symmetrize",
     "eigh64",
     "eigenbasis_squares",
     "precondition",

@@ -41,16 +41,20 @@ class KFAC(EigenbasisCurvature):
             if cov_a is None:
                 cov_a = shared[id(cap.a)] = cm.token_covariance(cap.a)
             cov_s = cm.token_covariance(cap.ds)
-            st["a_sum"] = st["a_sum"] + cov_a if "a_sum" in st else cov_a
-            st["s_sum"] = st["s_sum"] + cov_s if "s_sum" in st else cov_s
+            if "a_sum" in st:
+                st["a_sum"].add_(cov_a)
+                st["s_sum"].add_(cov_s)
+            else:
+                st["a_sum"], st["s_sum"] = cov_a.clone(), cov_s
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         mean_tokens = num_tokens / num_sequences
         for st in self.state.values():
-            e_a, st["q_a"] = cm.eigh64(st.pop("a_sum") / num_tokens)
-            e_s, st["q_s"] = cm.eigh64(st.pop("s_sum") / num_tokens)
+            e_a, st["q_a"] = cm.eigh64(cm.symmetrize(st.pop("a_sum")) / num_tokens)
+            e_s, st["q_s"] = cm.eigh64(cm.symmetrize(st.pop("s_sum")) / num_tokens)
             st["e_a"], st["e_s"] = e_a, e_s
             st["lambda"] = mean_tokens * torch.outer(e_s, e_a)  # [O, I]
+        self._bases.clear()
 
 
 class EKFAC(KFAC):

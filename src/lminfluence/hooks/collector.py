@@ -68,7 +68,7 @@ class Collector:
 
     def begin(self, mask: torch.Tensor | None) -> None:
         """Start a new forward pass; ``mask`` [B, T] marks the real positions."""
-        self._mask = mask
+        self._mask = None if mask is None or bool(mask.all()) else mask  # no padding: nothing to mask
         self._a.clear()
         self._out.clear()
         self._version.clear()

@@ -23,6 +23,17 @@ def _as_long_1d(value: Any, key: str, index: int) -> torch.Tensor:
     return t.long()
 
 
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from softmax(logits) [N, V] by inverting the CDF, [N].
+
+    One uniform number per row (torch.multinomial is several times slower on CPU).
+    """
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum_(-1)  # [N, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # right=True: the first category whose CDF exceeds u, so zero-probability ones are never drawn
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(1)
+
+
 class CausalLMTask(Task):
     """Summed next-token cross-entropy; queries measure log p(completion | prompt).
 
@@ -76,11 +87,14 @@ class CausalLMTask(Task):
 
     @staticmethod
     def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-sequence summed NLL of labels[:, 1:] under logits[:, :-1], [B]."""
-        logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        return nll.sum(dim=1)
+        """Per-sequence summed NLL of labels[:, t + 1] under logits[:, t], [B]."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        B, T, V = logits.shape
+        # shift the labels, not the logits: slicing [B, T, V] would copy it
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+        nll = F.cross_entropy(logits.reshape(B * T, V), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+        return nll.view(B, T).sum(1)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self._token_nll(outputs, batch["labels"])
@@ -88,10 +102,8 @@ class CausalLMTask(Task):
     def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             logits = outputs[:, :-1].detach()  # [B, T-1, V]
-            rows = logits.reshape(-1, logits.shape[-1])
-            # softmax in float32 a chunk of positions at a time: [B·T, V] at once is GBs for real vocabularies
             drawn = torch.cat(
-                [torch.multinomial(torch.softmax(c.float(), -1), 1, generator=generator) for c in rows.split(SAMPLE_CHUNK)]
+                [sample_categorical(c, generator) for c in logits.reshape(-1, logits.shape[-1]).split(SAMPLE_CHUNK)]
             ).view(logits.shape[:-1])
             labels = batch["labels"].clone()
             keep = labels[:, 1:] != IGNORE_INDEX  # same loss-carrying positions as the true labels
