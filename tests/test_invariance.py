@@ -136,3 +136,21 @@ def test_datasets_dataset_input(setup):
     refit = li.fit_factors(model, plain, li.FactorConfig(fisher="empirical"), batch_size=4)
     for n in factors.layers:
         torch.testing.assert_close(refit.curvature.state[n]["lambda"], factors.curvature.state[n]["lambda"])
+
+
+def test_capture_cache_changes_nothing_but_speed():
+    """EK-FAC's second pass replayed from the cached first pass gives bit-identical
+    factors to recomputing it (every pass draws the same labels), and a budget too
+    small for the whole pass falls back to recomputing."""
+    model = tiny_llama()
+    train = random_sequences(10)
+    cached = li.fit_factors(model, train, batch_size=3)
+    recomputed = li.fit_factors(model, train, batch_size=3, cache_gib=0)
+    tiny_budget = li.fit_factors(model, train, batch_size=3, cache_gib=1e-6)
+    assert cached.meta["second_pass_replayed"]
+    assert not recomputed.meta["second_pass_replayed"] and not tiny_budget.meta["second_pass_replayed"]
+    for n in cached.layers:
+        for other in (recomputed, tiny_budget):
+            assert torch.equal(cached.curvature.state[n]["lambda"], other.curvature.state[n]["lambda"])
+    with pytest.raises(ValueError, match="cache_gib"):
+        li.fit_factors(model, train, cache_gib=-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 from ..config import FactorConfig
 from ..hooks.collector import Collector
 from ..hooks.modules import LayerInfo, fingerprint, layer_info, resolve_modules
-from ..passes import as_reiterable, model_device, run_pass
+from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass
 from ..task.base import Task
 from .base import Curvature
 from .strategies import make_curvature
@@ -74,6 +75,48 @@ class Factors:
             )
 
 
+class CaptureCache:
+    """The first pass's captures, kept while they fit in a memory budget.
+
+    Sizes are counted per distinct storage (layers that share ā count it once).
+    As soon as the budget would be exceeded, or is projected to be from the
+    first batch and the dataset's length, everything is dropped and the cache
+    stays off.
+    """
+
+    def __init__(self, budget_gib: float, total_examples: int | None) -> None:
+        self.budget = budget_gib * 2**30
+        self.total = total_examples
+        self.items: list[BatchCapture] | None = [] if self.budget > 0 else None
+        self.bytes = 0
+        self.seen = 0
+        self.complete = False
+
+    def offer(self, bc: BatchCapture) -> None:
+        if self.items is None:
+            return
+        storages = {}
+        for cap in bc.captures.values():
+            for t in (cap.a, cap.ds):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        self.bytes += sum(storages.values())
+        self.seen += bc.num_sequences
+        projected = self.bytes / self.seen * self.total if self.total else self.bytes
+        if projected > self.budget:
+            logger.info("captures need ~%.2f GiB > cache_gib: the second pass recomputes", projected / 2**30)
+            self.items = None
+            return
+        self.items.append(BatchCapture(bc.captures, bc.num_sequences, bc.num_tokens, {}))
+
+    def close(self) -> None:
+        self.complete = self.items is not None
+
+    def replay(self) -> Iterable[BatchCapture]:
+        items, self.items = deque(self.items or []), None  # each batch is freed once replayed
+        while items:
+            yield items.popleft()
+
+
 def tracked_modules(model: nn.Module, factors_or_patterns: Factors | tuple[str, ...] | None) -> dict[str, nn.Module]:
     if isinstance(factors_or_patterns, Factors):
         named = dict(model.named_modules())
@@ -91,6 +134,7 @@ def fit_factors(
     task: Task | None = None,
     batch_size: int = 8,
     output_dir: str | Path | None = None,
+    cache_gib: float = 4.0,
 ) -> Factors:
     """Fit the curvature approximation of ``config.strategy`` on ``train``.
 
@@ -105,11 +149,17 @@ def fit_factors(
         task: defaults to CausalLMTask().
         batch_size: sequences per forward/backward pass.
         output_dir: when given, the factors are also saved there.
+        cache_gib: memory (on the model's device) for keeping the first pass's
+            captured ā and ds, so that EK-FAC's second pass replays them instead of
+            running the model again. When the whole pass does not fit, the second
+            pass recomputes; the factors are identical either way. 0 disables.
     """
     from ..task.causal_lm import CausalLMTask
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not cache_gib >= 0:
+        raise ValueError(f"cache_gib must be ≥ 0, got {cache_gib!r}")
     task = task or CausalLMTask()
     train = as_reiterable(train, "train")
     modules = resolve_modules(model, config.modules)
@@ -120,18 +170,27 @@ def fit_factors(
     device = model_device(model)
     num_tokens = num_sequences = 0
     timings: dict[str, float] = {}
+    kind = "sampled" if config.fisher == "sampled" else "true"
+    cache = CaptureCache(cache_gib, num_examples(train)) if len(curvature.passes) > 1 else None
     with Collector(modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
             start = time.perf_counter()
-            generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + index)
             num_tokens = num_sequences = 0
-            kind = "sampled" if config.fisher == "sampled" else "true"
-            for bc in run_pass(
-                model, task, collector, train, batch_size, kind, generator=generator, desc=f"fit {pass_name}"
-            ):
+            if index > 0 and cache is not None and cache.complete:
+                batches: Iterable[BatchCapture] = cache.replay()
+            else:
+                # The same seed in every pass: each pass draws the same labels, so a pass
+                # replayed from the cache and a recomputed one give identical statistics.
+                generator = torch.Generator(device=device).manual_seed(config.seed)
+                batches = run_pass(model, task, collector, train, batch_size, kind, generator=generator, desc=f"fit {pass_name}")
+            for bc in batches:
                 curvature.accumulate(pass_name, bc.captures)
                 num_tokens += bc.num_tokens
                 num_sequences += bc.num_sequences
+                if index == 0 and cache is not None:
+                    cache.offer(bc)
+            if index == 0 and cache is not None:
+                cache.close()
             curvature.finalize(pass_name, num_tokens, num_sequences)
             timings[pass_name] = time.perf_counter() - start
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
@@ -144,7 +203,11 @@ def fit_factors(
         num_tokens=num_tokens,
         num_sequences=num_sequences,
         fingerprint=fingerprint(modules),
-        meta={"seconds": timings, "torch": torch.__version__},
+        meta={
+            "seconds": timings,
+            "torch": torch.__version__,
+            "second_pass_replayed": bool(cache is not None and cache.complete),
+        },
     )
     if output_dir is not None:
         factors.save(output_dir)
