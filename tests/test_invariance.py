@@ -71,8 +71,27 @@ def test_full_rank_factorisation_is_exact():
         torch.testing.assert_close(tot, want.sum(-1))
         if tok is not None:
             torch.testing.assert_close(tok, want)
-    assert LayerQueries.build(p, rank=4).dense is not None  # rank ≥ min(O, I): kept exact
-    assert LayerQueries.build(p, rank=3).is_low_rank
+
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "ekfac"])
+def test_low_rank_preconditioning_is_the_truncated_svd_of_the_dense_one(setup, strategy):
+    """Factorising in the eigenbasis and rotating the factors gives the best rank-R
+    approximation of the dense (G+λI)⁻¹V; rank ≥ min(O, I) keeps P dense and exact."""
+    model, train, _, _ = setup
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy))
+    name, info = next(iter(factors.layers.items()))
+    v = torch.randn(3, info.out_dim, info.in_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dense = factors.curvature.precondition(name, v, 0.3)
+    lq = LayerQueries.precondition(factors.curvature, name, v, 0.3, rank=4)
+    torch.testing.assert_close(lq.expanded(), _truncate(dense, 4))
+    exact = LayerQueries.precondition(factors.curvature, name, v, 0.3, rank=min(info.out_dim, info.in_dim))
+    assert not exact.is_low_rank and torch.equal(exact.dense, dense)
+
+
+def _truncate(p, rank):
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    return u[..., :rank] @ torch.diag_embed(s[..., :rank]) @ vh[..., :rank, :]
 
 
 def test_query_rank_at_least_layer_width_is_exact(setup):

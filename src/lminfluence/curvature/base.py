@@ -42,6 +42,12 @@ class Curvature:
         """(G + λI)⁻¹ V for one layer, V [..., O, I]."""
         raise NotImplementedError
 
+    def precondition_low_rank(
+        self, name: str, v: torch.Tensor, damping: float, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The best rank-R factors U [Q, O, R], σ [Q, R], V [Q, I, R] of (G + λI)⁻¹ V."""
+        return cm.low_rank(self.precondition(name, v, damping), rank)
+
     def mean_eigenvalue(self, name: str) -> float:
         """The mean eigenvalue of the layer's curvature, the unit of relative damping."""
         raise NotImplementedError
@@ -91,6 +97,18 @@ class EigenbasisCurvature(Curvature):
     def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
         q_a, q_s = self.bases(name, v)
         return cm.precondition(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
+
+    def precondition_low_rank(
+        self, name: str, v: torch.Tensor, damping: float, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Orthogonal Q_S, Q_A leave singular values unchanged: factorise M in the eigenbasis,
+        # then rotate the thin factors (U = Q_S U_M, V = Q_A V_M), never the dense P.
+        q_a, q_s = self.bases(name, v)
+        m = cm.to_scaled_eigenbasis(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
+        u, s, w = cm.low_rank(m, rank)
+        if q_a is None:
+            return u, s, w
+        return q_s @ u, s, q_a @ w
 
     def mean_eigenvalue(self, name: str) -> float:
         return float(self.state[name]["lambda"].mean())

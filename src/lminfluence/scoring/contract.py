@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..curvature.math import CHUNK_ELEMENTS, batch_chunks, low_rank, sequence_gradients
+from ..curvature.base import Curvature
+from ..curvature.math import CHUNK_ELEMENTS, batch_chunks, sequence_gradients
 
 # Low-rank layers may be expanded to a dense [Q, O, I] for materialising only under this size (elements).
 DENSE_QUERY_BUDGET = 1 << 26
@@ -38,12 +39,12 @@ class LayerQueries:
     v: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, p: torch.Tensor, rank: int | None) -> "LayerQueries":
-        """Keep P [Q, O, I] dense, or as its best rank-``rank`` factors when that is smaller."""
-        if rank is None or rank >= min(p.shape[-2:]):
-            return cls(dense=p)
-        u, s, v = low_rank(p, rank)
-        return cls(u=u, s=s, v=v)
+    def precondition(cls, curvature: Curvature, name: str, v: torch.Tensor, damping: float, rank: int | None) -> "LayerQueries":
+        """(G + λI)⁻¹ V for V [Q, O, I], kept dense, or as rank-``rank`` factors when that is smaller."""
+        if rank is None or rank >= min(v.shape[-2:]):
+            return cls(dense=curvature.precondition(name, v, damping))
+        u, s, w = curvature.precondition_low_rank(name, v, damping, rank)
+        return cls(u=u, s=s, v=w)
 
     @classmethod
     def concat(cls, parts: list["LayerQueries"]) -> "LayerQueries":

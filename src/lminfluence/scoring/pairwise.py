@@ -86,8 +86,7 @@ def _precondition(model, modules, curvature, dampings, task, queries, config) ->
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
             for name, cap in bc.captures.items():
                 v = sequence_gradients(cap.a, cap.ds)  # [b, O, I]: ∇g per query
-                p = curvature.precondition(name, v, dampings[name])
-                parts[name].append(LayerQueries.build(p, config.query_rank))
+                parts[name].append(LayerQueries.precondition(curvature, name, v, dampings[name], config.query_rank))
     return {n: LayerQueries.concat(ps) for n, ps in parts.items()}
 
 
