@@ -42,11 +42,16 @@ class Curvature:
         """(G + λI)⁻¹ V for one layer, V [..., O, I]."""
         raise NotImplementedError
 
-    def precondition_low_rank(
-        self, name: str, v: torch.Tensor, damping: float, rank: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The best rank-R factors U [Q, O, R], σ [Q, R], V [Q, I, R] of (G + λI)⁻¹ V."""
-        return cm.low_rank(self.precondition(name, v, damping), rank)
+    def precondition_captures(
+        self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G + λI)⁻¹ DW_b for the sequences of a capture (ā [B, T, I], ds [B, T, O]).
+
+        Returns the dense [B, O, I], or with ``rank`` its best rank-R factors
+        U [B, O, R], σ [B, R], V [B, I, R].
+        """
+        p = self.precondition(name, cm.sequence_gradients(a, ds), damping)
+        return p if rank is None else cm.low_rank(p, rank)
 
     def mean_eigenvalue(self, name: str) -> float:
         """The mean eigenvalue of the layer's curvature, the unit of relative damping."""
@@ -98,17 +103,18 @@ class EigenbasisCurvature(Curvature):
         q_a, q_s = self.bases(name, v)
         return cm.precondition(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
 
-    def precondition_low_rank(
-        self, name: str, v: torch.Tensor, damping: float, rank: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def precondition_captures(
+        self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_a, q_s = self.bases(name, a)
+        denom = (self.state[name]["lambda"].to(a.device) + damping).to(a.dtype)
+        m = cm.rotated_gradients(a, ds, q_a, q_s) / denom  # [B, O, I], in the eigenbasis
+        if rank is None:
+            return m if q_a is None else q_s @ m @ q_a.T
         # Orthogonal Q_S, Q_A leave singular values unchanged: factorise M in the eigenbasis,
         # then rotate the thin factors (U = Q_S U_M, V = Q_A V_M), never the dense P.
-        q_a, q_s = self.bases(name, v)
-        m = cm.to_scaled_eigenbasis(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
         u, s, w = cm.low_rank(m, rank)
-        if q_a is None:
-            return u, s, w
-        return q_s @ u, s, q_a @ w
+        return (u, s, w) if q_a is None else (q_s @ u, s, q_a @ w)
 
     def mean_eigenvalue(self, name: str) -> float:
         return float(self.state[name]["lambda"].mean())

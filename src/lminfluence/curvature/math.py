@@ -53,28 +53,34 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.clamp_min(0.0), evecs.contiguous()  # row-major, as it will be after a save and load
 
 
+def rotated_gradients(
+    a: torch.Tensor, ds: torch.Tensor, q_a: torch.Tensor | None, q_s: torch.Tensor | None
+) -> torch.Tensor:
+    """Q_Sᵀ DW_b Q_A for every sequence, [B, O, I] (DW_b itself when the bases are None).
+
+    The rotation is applied to the tokens, (ds Q_S)ᵀ(ā Q_A), or to each sequence's
+    gradient, Q_Sᵀ (dsᵀā) Q_A, whichever costs fewer products; no Kronecker
+    product is formed.
+    """
+    if q_a is None:
+        return sequence_gradients(a, ds)
+    T, I, O = a.shape[1], a.shape[2], ds.shape[2]
+    if T * (O * O + I * I) <= O * I * (O + I):
+        return sequence_gradients(a @ q_a, ds @ q_s)
+    return q_s.T @ sequence_gradients(a, ds) @ q_a
+
+
 def eigenbasis_squares(
     a: torch.Tensor, ds: torch.Tensor, q_a: torch.Tensor | None, q_s: torch.Tensor | None
 ) -> torch.Tensor:
     """Σ_b (Q_Sᵀ DW_b Q_A)² over the batch, in float64, [O, I] (EK-FAC Eq 20).
 
-    ``q_a``/``q_s`` None means the parameter basis (the diagonal Fisher). The
-    rotation is applied to the tokens, R_b = (ds Q_S)ᵀ(ā Q_A), or to each
-    sequence's gradient, R_b = Q_Sᵀ (dsᵀā) Q_A, whichever costs fewer products;
-    no Kronecker product is formed.
+    ``q_a``/``q_s`` None means the parameter basis (the diagonal Fisher).
     """
-    B, T, I = a.shape
-    O = ds.shape[-1]
+    B, I, O = a.shape[0], a.shape[2], ds.shape[2]
     out = torch.zeros(O, I, dtype=torch.float64, device=a.device)
-    rotate_tokens = q_a is not None and T * (O * O + I * I) <= O * I * (O + I)
-    if rotate_tokens:
-        a = a @ q_a.to(a.dtype)  # [B, T, I]
-        ds = ds @ q_s.to(ds.dtype)  # [B, T, O]
     for sl in batch_chunks(B, O * I):
-        r = sequence_gradients(a[sl], ds[sl])  # [b, O, I]
-        if q_a is not None and not rotate_tokens:
-            r = q_s.to(r.dtype).T @ r @ q_a.to(r.dtype)
-        out.add_(r.square_().sum(0))
+        out.add_(rotated_gradients(a[sl], ds[sl], q_a, q_s).square_().sum(0))
     return out
 
 
@@ -112,18 +118,16 @@ def precondition(
 def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-R factors of each P [Q, O, I]: U [Q, O, R], σ [Q, R], V [Q, I, R] (§3.2.2).
 
-    The top singular pairs come from the float64 eigendecomposition of the small
-    Gram matrix (min(O, I) square), several times faster than a full SVD; the
-    other side is recovered as P v_k / σ_k.
+    The top singular pairs come from the eigendecomposition of the small Gram
+    matrix (min(O, I) square), in P's dtype, several times faster than a full
+    SVD; the other side is recovered as P v_k / σ_k.
     """
     tall = p.shape[-2] >= p.shape[-1]
     m = p if tall else p.transpose(-1, -2)  # [Q, big, small]
-    m64 = m.double()
-    evals, evecs = torch.linalg.eigh(m64.transpose(-1, -2) @ m64)  # ascending
+    evals, evecs = torch.linalg.eigh(m.transpose(-1, -2) @ m)  # ascending
     small = evecs[..., -rank:].flip(-1)  # [Q, small, R]
     sigma = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()  # [Q, R]
-    big = (m64 @ small) / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)  # [Q, big, R]
-    big, small, sigma = big.to(p.dtype), small.to(p.dtype), sigma.to(p.dtype)
+    big = (m @ small) / sigma.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-2)  # [Q, big, R]
     u, v = (big, small) if tall else (small, big)
     return u.contiguous(), sigma.contiguous(), v.contiguous()
 
@@ -134,6 +138,7 @@ __all__ = [
     "token_covariance",
     "symmetrize",
     "eigh64",
+    "rotated_gradients",
     "eigenbasis_squares",
     "to_scaled_eigenbasis",
     "precondition",

@@ -39,11 +39,13 @@ class LayerQueries:
     v: torch.Tensor | None = None
 
     @classmethod
-    def precondition(cls, curvature: Curvature, name: str, v: torch.Tensor, damping: float, rank: int | None) -> "LayerQueries":
-        """(G + λI)⁻¹ V for V [Q, O, I], kept dense, or as rank-``rank`` factors when that is smaller."""
-        if rank is None or rank >= min(v.shape[-2:]):
-            return cls(dense=curvature.precondition(name, v, damping))
-        u, s, w = curvature.precondition_low_rank(name, v, damping, rank)
+    def precondition(
+        cls, curvature: Curvature, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None
+    ) -> "LayerQueries":
+        """(G + λI)⁻¹ ∇g for each query of a capture, dense, or rank-``rank`` factors when that is smaller."""
+        if rank is None or rank >= min(a.shape[-1], ds.shape[-1]):
+            return cls(dense=curvature.precondition_captures(name, a, ds, damping))
+        u, s, w = curvature.precondition_captures(name, a, ds, damping, rank)
         return cls(u=u, s=s, v=w)
 
     @classmethod

@@ -85,8 +85,8 @@ def _precondition(model, modules, curvature, dampings, task, queries, config) ->
     with Collector(modules) as col:
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
             for name, cap in bc.captures.items():
-                v = sequence_gradients(cap.a, cap.ds)  # [b, O, I]: ∇g per query
-                parts[name].append(LayerQueries.precondition(curvature, name, v, dampings[name], config.query_rank))
+                lq = LayerQueries.precondition(curvature, name, cap.a, cap.ds, dampings[name], config.query_rank)
+                parts[name].append(lq)
     return {n: LayerQueries.concat(ps) for n, ps in parts.items()}
 
 
