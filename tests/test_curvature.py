@@ -246,3 +246,60 @@ def test_low_rank_factors_match_truncated_svd():
         want = uu[..., :4] @ torch.diag_embed(ss[..., :4]) @ vh[..., :4, :]
         torch.testing.assert_close((u * s.unsqueeze(1)) @ v.transpose(1, 2), want)
         torch.testing.assert_close(s, ss[..., :4])
+
+
+def test_low_rank_of_a_rank_deficient_matrix_is_exact_and_finite():
+    """A query of fewer tokens than R gives P of rank < R: the surplus factors are zero."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        p = (torch.randn(2, 9, 2, generator=g, dtype=dtype) @ torch.randn(2, 2, 7, generator=g, dtype=dtype))
+        u, s, v = cm.low_rank(p, 5)
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
+        assert u.abs().max() < 10 and v.abs().max() < 10  # no 1/σ blow-up
+        torch.testing.assert_close((u * s.unsqueeze(1)) @ v.transpose(1, 2), p, rtol=1e-4, atol=1e-4)
+
+
+class TokenRegressionTask(ScalarRegressionTask):
+    """Sequences of feature vectors {"x": [T, D], "y": [T]}, padded; L = Σ_t ½(h_t − y_t)²."""
+
+    def collate(self, examples):
+        length = max(len(e["x"]) for e in examples)
+        pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, 0, n) if t.dim() == 2 else (0, n))  # noqa: E731
+        return {
+            "x": torch.stack([pad(e["x"], length - len(e["x"])) for e in examples]),
+            "y": torch.stack([pad(e["y"], length - len(e["y"])) for e in examples]),
+            "mask": torch.stack([pad(torch.ones(len(e["x"])), length - len(e["x"])) for e in examples]),
+        }
+
+    def forward(self, model, batch):
+        return model(batch["x"]).squeeze(-1)  # [B, T]
+
+    def loss(self, outputs, batch):
+        return (0.5 * (outputs - batch["y"]) ** 2 * batch["mask"]).sum(1)
+
+    def sampled_loss(self, outputs, batch, generator):
+        return (0.5 * (outputs - (outputs.detach() - 1.0)) ** 2 * batch["mask"]).sum(1)
+
+    def token_mask(self, batch):
+        return batch["mask"].bool()
+
+
+def test_kfac_mean_length_scale_is_exact_for_independent_tokens():
+    """A deep linear network applied to each token of variable-length, padded sequences:
+    the per-sequence GN is Σ_t J_tᵀJ_t, so its mean over sequences is T̄·A⊗S exactly.
+    Checks K-FAC's T̄ scale (and the padding mask in A and the token count) against the
+    GN built from per-token Jacobians."""
+    model = mlp([3, 4, 1])
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for n in range(9):
+        T = int(torch.randint(1, 6, (), generator=g))
+        data.append({"x": torch.randn(T, 3, generator=g, dtype=torch.float64), "y": torch.randn(T, generator=g, dtype=torch.float64)})
+    factors = li.fit_factors(model, data, li.FactorConfig(strategy="kfac", modules=["*"]), task=TokenRegressionTask(), batch_size=4)
+    modules = resolve_modules(model, ["*"])
+    tokens = [{"x": ex["x"][t]} for ex in data for t in range(len(ex["x"]))]
+    jac = loop_gradients(model, modules, tokens, lambda m, tok: m(tok["x"].unsqueeze(0)).sum())
+    for n in modules:
+        rows = torch.stack([j[n].reshape(-1) for j in jac])
+        gn = rows.T @ rows / len(data)  # mean over sequences of Σ_t J_tᵀ J_t
+        allclose_report(dense_factor_matrix(factors, n), gn, rtol=1e-8, atol=1e-10, what=f"T̄ scale {n}")

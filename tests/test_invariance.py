@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import random_queries, random_sequences, tiny_gpt2, tiny_llama
+from helpers import random_queries, random_sequences, spearman, tiny_gpt2, tiny_llama
 
 import lminfluence as li
 from lminfluence.curvature.math import low_rank
@@ -99,15 +99,6 @@ def _truncate(p, rank):
     return u[..., :rank] @ torch.diag_embed(s[..., :rank]) @ vh[..., :rank, :]
 
 
-def test_query_rank_at_least_layer_width_is_exact(setup):
-    """query_rank ≥ min(O, I) on every layer leaves scores unchanged."""
-    model, train, queries, factors = setup
-    widest = max(min(i.out_dim, i.in_dim) for i in factors.layers.values())
-    exact = li.compute_scores(model, factors, queries, train)
-    ranked = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=widest))
-    torch.testing.assert_close(ranked.total, exact.total)
-
-
 def test_float32_path_matches_float64():
     """The same model in float32 gives the float64 scores to float32 precision."""
     model = tiny_llama()
@@ -120,7 +111,25 @@ def test_float32_path_matches_float64():
     s32 = li.compute_scores(model32, f32, queries, train)
     assert s32.total.dtype == torch.float32
     scale = s64.total.abs().max()
-    torch.testing.assert_close(s32.total.double(), s64.total, rtol=0, atol=1e-3 * float(scale))
+    torch.testing.assert_close(s32.total.double(), s64.total, rtol=1e-3, atol=1e-4 * float(scale))
+    assert all(spearman(s32.total[q], s64.total[q]) > 0.999 for q in range(2))
+
+
+def test_bfloat16_model_scores_in_float32():
+    """A bf16 model (transformers' default for most checkpoints) is fitted and scored with
+    statistics in float32: finite float32 scores, low rank included, that rank the training
+    set like the float32 model (bf16 weights differ, so only the ranking is compared)."""
+    model = tiny_llama(dtype=torch.float32)
+    train = random_sequences(8)
+    queries = random_queries(2)
+    s32 = li.compute_scores(model, li.fit_factors(model, train), queries, train)
+    half = tiny_llama(dtype=torch.bfloat16)
+    factors = li.fit_factors(half, train)
+    for cfg in (li.ScoreConfig(), li.ScoreConfig(query_rank=2, per_token=True)):
+        s = li.compute_scores(half, factors, queries, train, cfg)
+        assert s.total.dtype == torch.float32 and torch.isfinite(s.total).all()
+    full = li.compute_scores(half, factors, queries, train)
+    assert all(spearman(full.total[q], s32.total[q]) > 0.9 for q in range(2))
 
 
 def test_save_load_round_trip(setup, tmp_path):

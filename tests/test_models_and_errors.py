@@ -219,3 +219,53 @@ def test_sampled_labels_follow_the_model_distribution():
         freq = torch.bincount(draws[row], minlength=5).double() / draws.shape[1]
         torch.testing.assert_close(freq, torch.softmax(logits[row].double(), -1), rtol=0, atol=0.01)
     assert not (draws[0] == 3).any() and not (draws[1] == 0).any() and not (draws[1] == 4).any()
+
+
+class _FlatLM(nn.Module):
+    """A toy LM whose tracked layer is fed flattened tokens [B·T, H], like an MoE expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.expert = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 32)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        B, T, H = h.shape
+        return self.head(self.expert(h.reshape(B * T, H)).reshape(B, T, H))
+
+
+def test_flattened_layer_input_is_refused_even_without_padding():
+    """Equal-length sequences (no padding) must not skip the [B, T] shape check."""
+    data = [{"input_ids": torch.randint(0, 32, (6,))} for _ in range(4)]
+    with pytest.raises(TrackingError, match="flattened tokens"):
+        li.fit_factors(_FlatLM(), data, li.FactorConfig(modules=["expert"]))
+
+
+class _Fails(ScalarRegressionTask):
+    def loss(self, outputs, batch):
+        raise RuntimeError("boom")
+
+
+def test_model_mode_and_hooks_restored_after_an_error():
+    """An exception inside a pass leaves the model in its own mode with no hook attached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model.train()
+    data = regression_data(6, 3)
+    factors = li.fit_factors(model, data, li.FactorConfig(modules=["*"]), task=ScalarRegressionTask())
+    with pytest.raises(RuntimeError, match="boom"):
+        li.compute_scores(model, factors, data[:1], data, task=_Fails())
+    assert model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_missing_tensor_file_and_wrong_config_type(tmp_path):
+    model = tiny_gpt2()
+    li.fit_factors(model, random_sequences(3), output_dir=tmp_path)
+    (tmp_path / "factors.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="factors.safetensors is missing"):
+        li.load_factors(tmp_path)
+    with pytest.raises(TypeError, match="must be a FactorConfig"):
+        li.fit_factors(model, random_sequences(3), li.ScoreConfig())

@@ -84,19 +84,24 @@ def test_score_equals_exact_gauss_newton_inverse_on_linear_network():
     allclose_report(scores.total, want, rtol=1e-8, atol=1e-10, what="linear-network score")
 
 
-def test_self_influence_equals_dense_quadratic_form():
-    """Self-influence = ∇Lᵀ(G+λI)⁻¹∇L with the dense EK-FAC blocks; per layer sums to total."""
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "ekfac"])
+def test_self_influence_equals_dense_quadratic_form(strategy):
+    """Self-influence = ∇Lᵀ(G+λI)⁻¹∇L with the strategy's dense blocks (identity: ‖∇L‖²);
+    per layer sums to total."""
     model = tiny_gpt2()
     train = random_sequences(5)
-    factors = li.fit_factors(model, train, batch_size=5)
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=5)
     self_scores = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True, train_batch_size=2))
     modules = resolve_modules(model, None)
     grads = loop_gradients(model, modules, train, lm_loss_fn)
     want = torch.zeros(len(train), dtype=torch.float64)
     for n in modules:
+        v = torch.stack([g[n].reshape(-1) for g in grads])
+        if strategy == "identity":
+            want += v.square().sum(1)
+            continue
         g_mat = dense_factor_matrix(factors, n)
         h = g_mat + self_scores.meta["damping"][n] * torch.eye(g_mat.shape[0], dtype=torch.float64)
-        v = torch.stack([g[n].reshape(-1) for g in grads])
         want += (v * torch.linalg.solve(h, v.T).T).sum(1)
     allclose_report(self_scores.total, want, rtol=1e-7, atol=1e-9, what="self-influence")
     torch.testing.assert_close(sum(self_scores.per_layer.values()), self_scores.total)

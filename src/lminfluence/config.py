@@ -54,7 +54,8 @@ class FactorConfig(_Serializable):
         modules: which linear layers to track. ``None`` means the MLP layers of
             every block. Each entry is a preset (``"mlp"``, ``"attention"``) or a
             glob over module names (``"model.layers.*.mlp.down_proj"``).
-        seed: seed of the label sampling, so that a fit is reproducible.
+        seed: seed of the label sampling: a fit is reproducible for the same
+            data, batch size and device.
     """
 
     strategy: str = "ekfac"

@@ -65,6 +65,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def tracking(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[Collector]:
+    """Hooks on ``modules``, dropout off and gradients on, all undone on exit (errors included)."""
+    with eval_mode(model), torch.enable_grad(), Collector(modules) as collector:
+        yield collector
+
+
 @dataclass
 class BatchCapture:
     """What one batch of a pass produced."""
@@ -72,7 +79,6 @@ class BatchCapture:
     captures: dict[str, LayerCapture]
     num_sequences: int
     num_tokens: int
-    batch: dict[str, torch.Tensor]
 
 
 def run_pass(
@@ -90,38 +96,36 @@ def run_pass(
 
     ``true``: the training loss L with the data's labels; ``sampled``: L with
     labels drawn from the model; ``measurement``: g = -f, the query's loss.
+    Run it inside ``tracking`` (eval mode, gradients on, hooks registered).
     """
     device = model_device(model)
     total = num_examples(data)
     seen = 0
-    with eval_mode(model), torch.enable_grad():
-        bar = tqdm(total=total, desc=desc, unit="seq", disable=None, leave=False)
-        try:
-            for examples in batches(data, batch_size):
-                batch = {k: v.to(device) for k, v in task.collate(examples).items()}
-                mask = task.token_mask(batch)
-                collector.begin(mask)
-                outputs = task.forward(model, batch)
-                if loss_kind == "true":
-                    loss = task.loss(outputs, batch)
-                elif loss_kind == "sampled":
-                    if generator is None:
-                        raise ValueError("sampled labels need a generator")
-                    loss = task.sampled_loss(outputs, batch, generator)
-                else:
-                    loss = -task.measurement(outputs, batch)
-                if not torch.isfinite(loss).all():
-                    raise FloatingPointError(f"{desc}: non-finite loss in the batch at example {seen}")
-                captures = collector.backward(loss.sum())
-                first = next(iter(captures.values()))
-                tokens = int(mask.sum()) if mask is not None else first.a.shape[0] * first.a.shape[1]
-                seen += len(examples)
-                bar.update(len(examples))
-                yield BatchCapture(captures, len(examples), tokens, batch)
-        finally:
-            bar.close()
+    with tqdm(total=total, desc=desc, unit="seq", disable=None, leave=False) as bar:
+        for examples in batches(data, batch_size):
+            batch = {k: v.to(device) for k, v in task.collate(examples).items()}
+            mask = task.token_mask(batch)
+            collector.begin(mask)
+            outputs = task.forward(model, batch)
+            if loss_kind == "true":
+                loss = task.loss(outputs, batch)
+            elif loss_kind == "sampled":
+                if generator is None:
+                    raise ValueError("sampled labels need a generator")
+                loss = task.sampled_loss(outputs, batch, generator)
+            else:
+                loss = -task.measurement(outputs, batch)
+            if not torch.isfinite(loss).all():
+                raise FloatingPointError(f"{desc}: non-finite loss in the batch at example {seen}")
+            captures = collector.backward(loss.sum())
+            first = next(iter(captures.values()))
+            tokens = int(mask.sum()) if mask is not None else first.a.shape[0] * first.a.shape[1]
+            del outputs, loss, batch  # the logits ([B, T, V]) must not outlive the backward
+            seen += len(examples)
+            bar.update(len(examples))
+            yield BatchCapture(captures, len(examples), tokens)
     if seen == 0:
         raise ValueError(f"{desc or 'the data'}: no examples (the dataset is empty)")
 
 
-__all__ = ["as_reiterable", "batches", "run_pass", "eval_mode", "model_device", "BatchCapture", "LossKind"]
+__all__ = ["as_reiterable", "batches", "run_pass", "tracking", "eval_mode", "model_device", "BatchCapture", "LossKind"]

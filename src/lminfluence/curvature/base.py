@@ -53,6 +53,14 @@ class Curvature:
         p = self.precondition(name, cm.sequence_gradients(a, ds), damping)
         return p if rank is None else cm.low_rank(p, rank)
 
+    def self_influence(self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float) -> torch.Tensor:
+        """DW_bᵀ (G + λI)⁻¹ DW_b for each sequence of a capture, [B]."""
+        out = []
+        for sl in cm.batch_chunks(a.shape[0], a.shape[-1] * ds.shape[-1]):
+            dw = cm.sequence_gradients(a[sl], ds[sl])  # [b, O, I]
+            out.append((self.precondition(name, dw, damping) * dw).sum((1, 2)))
+        return torch.cat(out)
+
     def mean_eigenvalue(self, name: str) -> float:
         """The mean eigenvalue of the layer's curvature, the unit of relative damping."""
         raise NotImplementedError
@@ -115,6 +123,15 @@ class EigenbasisCurvature(Curvature):
         # then rotate the thin factors (U = Q_S U_M, V = Q_A V_M), never the dense P.
         u, s, w = cm.low_rank(m, rank)
         return (u, s, w) if q_a is None else (q_s @ u, s, q_a @ w)
+
+    def self_influence(self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float) -> torch.Tensor:
+        # In the eigenbasis the quadratic form is Σ R² / (Λ + λ): no rotation back
+        denom = (self.state[name]["lambda"].to(a.device) + damping).to(a.dtype)
+        out = []
+        for sl in cm.batch_chunks(a.shape[0], a.shape[-1] * ds.shape[-1]):
+            r = cm.rotated_gradients(a[sl], ds[sl], *self.bases(name, a))  # [b, O, I]
+            out.append((r.square_() / denom).sum((1, 2)))
+        return torch.cat(out)
 
     def mean_eigenvalue(self, name: str) -> float:
         return float(self.state[name]["lambda"].mean())

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ..config import FactorConfig
-from ..hooks.collector import Collector
 from ..hooks.modules import LayerInfo, fingerprint, layer_info, resolve_modules
-from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass
+from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
 from .base import Curvature
 from .strategies import make_curvature
@@ -44,6 +43,7 @@ class Factors:
     num_sequences: int
     fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
+    _verified: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def layers(self) -> dict[str, LayerInfo]:
@@ -67,12 +67,16 @@ class Factors:
         for n, info in self.layers.items():
             if layer_info(modules[n]) != info:
                 raise ValueError(f"module {n!r} is {layer_info(modules[n])} in the model but {info} in the factors")
+        key = tuple((n, p.data_ptr(), p._version) for n in self.layers for p in modules[n].parameters())
+        if key == self._verified:  # the same tensors, unmodified since the last check
+            return
         fp = fingerprint({n: modules[n] for n in self.layers})
         if fp != self.fingerprint:
             raise ValueError(
                 "these factors were fitted on a different model: the tracked weights' fingerprint "
                 f"is {fp} but the factors were fitted on {self.fingerprint}; refit the factors for this model"
             )
+        self._verified = key
 
 
 class CaptureCache:
@@ -106,7 +110,7 @@ class CaptureCache:
             logger.info("captures need ~%.2f GiB > cache_gib: the second pass recomputes", projected / 2**30)
             self.items = None
             return
-        self.items.append(BatchCapture(bc.captures, bc.num_sequences, bc.num_tokens, {}))
+        self.items.append(bc)
 
     def close(self) -> None:
         self.complete = self.items is not None
@@ -158,6 +162,8 @@ def fit_factors(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(config, FactorConfig):
+        raise TypeError(f"config must be a FactorConfig, got {type(config).__name__}")
     if not cache_gib >= 0:
         raise ValueError(f"cache_gib must be ≥ 0, got {cache_gib!r}")
     task = task or CausalLMTask()
@@ -172,7 +178,7 @@ def fit_factors(
     timings: dict[str, float] = {}
     kind = "sampled" if config.fisher == "sampled" else "true"
     cache = CaptureCache(cache_gib, num_examples(train)) if len(curvature.passes) > 1 else None
-    with Collector(modules) as collector:
+    with tracking(model, modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
             start = time.perf_counter()
             num_tokens = num_sequences = 0

@@ -24,7 +24,7 @@ def sequence_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
 
 
 def token_covariance(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """Σ over all positions of x_t x_tᵀ in float64, [D, D], upper block triangle only.
+    """Σ over all positions of x_t x_tᵀ (products in x's dtype, result float64), [D, D], upper block triangle only.
 
     For D ≥ 512 the matrix is cut into ``blocks`` × ``blocks`` tiles and only the
     tiles on and above the diagonal are computed (10 of 16 GEMM tiles for 4
@@ -73,7 +73,7 @@ def rotated_gradients(
 def eigenbasis_squares(
     a: torch.Tensor, ds: torch.Tensor, q_a: torch.Tensor | None, q_s: torch.Tensor | None
 ) -> torch.Tensor:
-    """Σ_b (Q_Sᵀ DW_b Q_A)² over the batch, in float64, [O, I] (EK-FAC Eq 20).
+    """Σ_b (Q_Sᵀ DW_b Q_A)² over the batch (computed in a's dtype, summed in float64), [O, I] (Eq 20).
 
     ``q_a``/``q_s`` None means the parameter basis (the diagonal Fisher).
     """
@@ -127,7 +127,9 @@ def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
     evals, evecs = torch.linalg.eigh(m.transpose(-1, -2) @ m)  # ascending
     small = evecs[..., -rank:].flip(-1)  # [Q, small, R]
     sigma = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()  # [Q, R]
-    big = (m @ small) / sigma.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-2)  # [Q, big, R]
+    # directions with σ ≈ 0 (a query of fewer than R tokens) get zero factors, not 1/σ-sized noise
+    alive = sigma > sigma[..., :1] * torch.finfo(p.dtype).eps * max(m.shape[-2:])
+    big = torch.where(alive.unsqueeze(-2), (m @ small) / torch.where(alive, sigma, 1).unsqueeze(-2), 0)  # [Q, big, R]
     u, v = (big, small) if tall else (small, big)
     return u.contiguous(), sigma.contiguous(), v.contiguous()
 

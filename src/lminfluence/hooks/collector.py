@@ -11,13 +11,18 @@ from torch import nn
 from .modules import layer_info
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision models (their statistics would overflow or lose the tail), else as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class TrackingError(RuntimeError):
     """A tracked layer was used in a way influence tracking cannot follow."""
 
 
 @dataclass
 class LayerCapture:
-    """One layer's per-token quantities for one batch (padding rows are zero).
+    """One layer's per-token quantities for one batch (padding rows are zero), in float32 or wider.
 
     Attributes:
         a: ā, the layer input with the bias coordinate appended, [B, T, I].
@@ -49,6 +54,7 @@ class Collector:
         self.info = {n: layer_info(m) for n, m in modules.items()}
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
         self._a: dict[str, torch.Tensor] = {}
         self._out: dict[str, torch.Tensor] = {}
         self._version: dict[str, int] = {}
@@ -68,7 +74,8 @@ class Collector:
 
     def begin(self, mask: torch.Tensor | None) -> None:
         """Start a new forward pass; ``mask`` [B, T] marks the real positions."""
-        self._mask = None if mask is None or bool(mask.all()) else mask  # no padding: nothing to mask
+        self._shape = None if mask is None else tuple(mask.shape)  # every layer input must be [B, T, ·]
+        self._mask = None if mask is None or bool(mask.all()) else mask  # no padding: nothing to multiply
         self._a.clear()
         self._out.clear()
         self._version.clear()
@@ -100,12 +107,14 @@ class Collector:
                 a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)  # [B, T, in]
                 if info.bias:
                     a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)  # [B, T, I]
+                if self._shape is not None and tuple(a.shape[:2]) != self._shape:
+                    raise TrackingError(
+                        f"module {name!r}: input has {tuple(a.shape[:2])} (batch, positions) but the batch "
+                        f"is {self._shape}; a layer fed flattened tokens (e.g. an MoE router or expert) "
+                        "cannot be tracked: leave it out of `modules`"
+                    )
+                a = a.to(_compute_dtype(a.dtype))
                 if self._mask is not None:
-                    if self._mask.shape != a.shape[:2]:
-                        raise TrackingError(
-                            f"module {name!r}: input has {tuple(a.shape[:2])} (batch, positions) "
-                            f"but the task's token mask is {tuple(self._mask.shape)}"
-                        )
                     a = a * self._mask.unsqueeze(-1).to(a.dtype)
                 self._shared[key] = (x, a)  # holding x keeps its address from being reused
             self._a[name] = a
@@ -137,11 +146,14 @@ class Collector:
         for n, o, g in zip(names, outs, grads):
             a = self._a[n]
             ds = torch.zeros_like(o) if g is None else g
-            ds = ds.reshape(a.shape[0], a.shape[1], -1)  # [B, T, O]
+            ds = ds.reshape(a.shape[0], a.shape[1], -1).to(a.dtype)  # [B, T, O]
             if self._mask is not None:
                 ds = ds * self._mask.unsqueeze(-1).to(ds.dtype)
             captures[n] = LayerCapture(a=a, ds=ds)
-        self.begin(self._mask)
+        self._a.clear()
+        self._out.clear()
+        self._version.clear()
+        self._shared.clear()
         return captures
 
 

@@ -13,9 +13,7 @@ from torch import nn
 
 from ..config import ScoreConfig
 from ..curvature.fit import Factors, tracked_modules
-from ..curvature.math import batch_chunks, sequence_gradients
-from ..hooks.collector import Collector
-from ..passes import as_reiterable, run_pass
+from ..passes import as_reiterable, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores
 
@@ -57,7 +55,8 @@ def _setup(model: nn.Module, factors: Factors, config: ScoreConfig, task: Task |
         raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
     modules = tracked_modules(model, factors)
     curvature = factors.curvature
-    dampings = {n: config.damping_for(curvature.mean_eigenvalue(n)) for n in modules}
+    # identity applies no damping; report 0 rather than a number that played no part
+    dampings = {n: 0.0 if factors.strategy == "identity" else config.damping_for(curvature.mean_eigenvalue(n)) for n in modules}
     meta = {
         "strategy": factors.strategy,
         "damping": dampings,
@@ -82,7 +81,7 @@ def precondition_queries(
 
 def _precondition(model, modules, curvature, dampings, task, queries, config) -> dict[str, LayerQueries]:
     parts: dict[str, list[LayerQueries]] = {n: [] for n in modules}
-    with Collector(modules) as col:
+    with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
             for name, cap in bc.captures.items():
                 lq = LayerQueries.precondition(curvature, name, cap.a, cap.ds, dampings[name], config.query_rank)
@@ -117,7 +116,7 @@ def compute_scores(
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
-    with Collector(modules) as col:
+    with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="score"):
             batch_total = 0
             batch_tokens = 0
@@ -159,16 +158,11 @@ def compute_self_scores(
     modules, curvature, dampings, task, meta = _setup(model, factors, config, task)
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-    with Collector(modules) as col:
+    with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="self-influence"):
             batch_total = 0
             for name, cap in bc.captures.items():
-                B, _, I = cap.a.shape
-                parts = []
-                for sl in batch_chunks(B, cap.ds.shape[-1] * I):
-                    dw = sequence_gradients(cap.a[sl], cap.ds[sl])  # [b, O, I]
-                    parts.append((curvature.precondition(name, dw, dampings[name]) * dw).sum((1, 2)))
-                tot = torch.cat(parts)
+                tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]
                 batch_total = batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())

@@ -76,7 +76,9 @@ def load_factors(path: str | Path, model: nn.Module | None = None) -> "Factors":
     layers = {n: LayerInfo(**d) for n, d in manifest["layers"].items()}
     curvature = make_curvature(manifest["strategy"], layers)
     tensor_path = path / FACTORS_FILE
-    curvature.load_state_dict(load_file(str(tensor_path)) if tensor_path.is_file() else {})
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"no factors at {path}: {FACTORS_FILE} is missing next to {MANIFEST_FILE}")
+    curvature.load_state_dict(load_file(str(tensor_path)))
     factors = Factors(
         config=FactorConfig.from_dict(manifest["config"]),
         curvature=curvature,

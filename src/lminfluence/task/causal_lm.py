@@ -101,10 +101,9 @@ class CausalLMTask(Task):
 
     def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            logits = outputs[:, :-1].detach()  # [B, T-1, V]
-            drawn = torch.cat(
-                [sample_categorical(c, generator) for c in logits.reshape(-1, logits.shape[-1]).split(SAMPLE_CHUNK)]
-            ).view(logits.shape[:-1])
+            B, T, V = outputs.shape
+            rows = outputs.detach().reshape(B * T, V)  # a view: slicing off the last position first would copy
+            drawn = torch.cat([sample_categorical(c, generator) for c in rows.split(SAMPLE_CHUNK)]).view(B, T)[:, :-1]
             labels = batch["labels"].clone()
             keep = labels[:, 1:] != IGNORE_INDEX  # same loss-carrying positions as the true labels
             labels[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
