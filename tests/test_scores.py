@@ -134,3 +134,22 @@ def test_per_token_scores_equal_dense_preconditioned_dot_per_position():
     allclose_report(scores.per_token[0], want, rtol=1e-7, atol=1e-9, what="per-token")
     for i, ex in enumerate(train):  # padding positions carry exactly zero
         assert (scores.per_token[0, i, len(ex["input_ids"]) :] == 0).all()
+
+
+def test_precondition_queries_is_the_dense_solve_of_each_query_gradient():
+    """precondition_queries (the reusable first half of compute_scores) returns, per layer,
+    (G+λI)⁻¹∇g for every query, with G the dense EK-FAC block."""
+    from lminfluence.scoring import precondition_queries
+
+    model = tiny_gpt2()
+    train = random_sequences(5)
+    queries = random_queries(3)
+    factors = li.fit_factors(model, train)
+    pq = precondition_queries(model, factors, queries, li.ScoreConfig(query_batch_size=2))
+    modules = resolve_modules(model, None)
+    grads = loop_gradients(model, modules, queries, neg_logp)
+    for n in modules:
+        g_mat = dense_factor_matrix(factors, n)
+        h = g_mat + 0.1 * float(factors.curvature.state[n]["lambda"].mean()) * torch.eye(g_mat.shape[0], dtype=torch.float64)
+        want = torch.stack([torch.linalg.solve(h, g[n].reshape(-1)).reshape(g[n].shape) for g in grads])
+        allclose_report(pq[n].dense, want, rtol=1e-7, atol=1e-9, what=n)

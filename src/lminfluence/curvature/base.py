@@ -107,6 +107,10 @@ class EigenbasisCurvature(Curvature):
     The diagonal Fisher is the special case Q = identity (no Q stored).
     """
 
+    def _denominator(self, name: str, damping: float, like: torch.Tensor) -> torch.Tensor:
+        """Λ + λ of a layer, [O, I], in ``like``'s dtype and device."""
+        return (self.state[name]["lambda"].to(like.device) + damping).to(like.dtype)
+
     def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
         q_a, q_s = self.bases(name, v)
         return cm.precondition(v, self.state[name]["lambda"].to(v.device), damping, q_a, q_s)
@@ -115,8 +119,7 @@ class EigenbasisCurvature(Curvature):
         self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_a, q_s = self.bases(name, a)
-        denom = (self.state[name]["lambda"].to(a.device) + damping).to(a.dtype)
-        m = cm.rotated_gradients(a, ds, q_a, q_s) / denom  # [B, O, I], in the eigenbasis
+        m = cm.rotated_gradients(a, ds, q_a, q_s) / self._denominator(name, damping, a)  # [B, O, I], eigenbasis
         if rank is None:
             return m if q_a is None else q_s @ m @ q_a.T
         # Orthogonal Q_S, Q_A leave singular values unchanged: factorise M in the eigenbasis,
@@ -126,7 +129,7 @@ class EigenbasisCurvature(Curvature):
 
     def self_influence(self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float) -> torch.Tensor:
         # In the eigenbasis the quadratic form is Σ R² / (Λ + λ): no rotation back
-        denom = (self.state[name]["lambda"].to(a.device) + damping).to(a.dtype)
+        denom = self._denominator(name, damping, a)
         out = []
         for sl in cm.batch_chunks(a.shape[0], a.shape[-1] * ds.shape[-1]):
             r = cm.rotated_gradients(a[sl], ds[sl], *self.bases(name, a))  # [b, O, I]

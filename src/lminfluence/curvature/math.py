@@ -84,20 +84,6 @@ def eigenbasis_squares(
     return out
 
 
-def to_scaled_eigenbasis(
-    v: torch.Tensor,
-    eigenvalues: torch.Tensor,
-    damping: float,
-    q_a: torch.Tensor | None = None,
-    q_s: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """M = (Q_Sᵀ V Q_A) ⊘ (Λ + λ) for V [..., O, I]: the preconditioned V in the eigenbasis."""
-    denom = (eigenvalues + damping).to(v.dtype)
-    if q_a is None:
-        return v / denom
-    return (q_s.T.to(v.dtype) @ v @ q_a.to(v.dtype)) / denom
-
-
 def precondition(
     v: torch.Tensor,
     eigenvalues: torch.Tensor,
@@ -109,10 +95,11 @@ def precondition(
 
     With ``q_a``/``q_s`` None the basis is the parameter basis (diagonal).
     """
-    m = to_scaled_eigenbasis(v, eigenvalues, damping, q_a, q_s)
+    denom = (eigenvalues + damping).to(v.dtype)
     if q_a is None:
-        return m
-    return q_s.to(v.dtype) @ m @ q_a.T.to(v.dtype)
+        return v / denom
+    qa, qs = q_a.to(v.dtype), q_s.to(v.dtype)
+    return qs @ ((qs.T @ v @ qa) / denom) @ qa.T
 
 
 def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +129,6 @@ __all__ = [
     "eigh64",
     "rotated_gradients",
     "eigenbasis_squares",
-    "to_scaled_eigenbasis",
     "precondition",
     "low_rank",
 ]
