@@ -195,16 +195,6 @@ def lm_gauss_newton(model, modules: dict, examples) -> torch.Tensor:
     return total / len(examples)
 
 
-def block_slices(modules: dict, factors) -> dict[str, slice]:
-    out, start = {}, 0
-    for n in modules:
-        info = factors.layers[n]
-        size = info.out_dim * info.in_dim
-        out[n] = slice(start, start + size)
-        start += size
-    return out
-
-
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     def rank(v):
         r = torch.empty_like(v, dtype=torch.float64)

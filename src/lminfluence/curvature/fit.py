@@ -144,7 +144,8 @@ def fit_factors(
 
     Runs the passes the strategy needs (K-FAC one, EK-FAC two) with
     pseudo-labels sampled from the model (or the true labels for the empirical
-    Fisher), accumulating statistics in float64.
+    Fisher). Products run in the captures' dtype (float32 or wider), sums are
+    accumulated in float64, and eigendecompositions are float64.
 
     Args:
         model: a causal LM (or any model the task knows); left unchanged.
