@@ -1,7 +1,27 @@
-"""The on-disk layout, in one place."""
+"""The on-disk layout, in one place (docs/run-directory.md describes every file and column)."""
 
+# Factors (a directory of its own; inside a run it is RUN/factors/)
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
-__all__ = ["FACTORS_FILE", "MANIFEST_FILE", "FORMAT_VERSION"]
+# A run directory, as the CLI writes it
+RUN_CONFIG = "config.yaml"  # the resolved configuration of every command run here
+RUN_MANIFEST = "run.json"  # what was run: versions, model fingerprint, corpus hash, stages finished
+LOG_DIR = "logs"  # one <command>.log per command
+CORPUS_DIR = "corpus"
+SEQUENCES_FILE = "corpus/sequences.parquet"  # one row per training sequence, with provenance
+TOKENS_FILE = "corpus/tokens.safetensors"  # token ids of every sequence, flat, with offsets
+TFIDF_FILE = "corpus/tfidf.npz"  # the TF-IDF index over the sequences (METHOD.md §6)
+FACTORS_DIR = "factors"
+SCORES_DIR = "scores"
+QUERIES_TABLE = "scores/queries.parquet"  # one row per query
+TOP_TABLE = "scores/top.parquet"  # one row per (query, top sequence)
+LAYERS_TABLE = "scores/layers.parquet"  # one row per (query, top sequence, tracked layer)
+TOKENS_TABLE = "scores/tokens.parquet"  # one row per (query, top sequence, token)
+MATRIX_TABLE = "scores/matrix.parquet"  # every scored (query, sequence) pair, when asked for
+PARTIAL_DIR = "scores/partial"  # finished chunks of an unfinished scoring pass (resume)
+REPORT_DIR = "report"
+REPORT_FILE = "report/index.html"
+
+__all__ = [name for name in dir() if name.isupper()]
