@@ -76,7 +76,7 @@ def precondition_queries(
     task: Task | None = None,
 ) -> dict[str, LayerQueries]:
     """P = (G + λI)⁻¹ ∇g for each query and layer (g = -f), dense or rank-R (Eq 21, §3.2.2)."""
-    return _precondition(model, *_setup(model, factors, config, task)[:4], queries, config)
+    return _precondition(model, *_setup(model, factors, config, task)[:4], as_reiterable(queries, "queries"), config)
 
 
 def _precondition(model, modules, curvature, dampings, task, queries, config) -> dict[str, LayerQueries]:
@@ -111,8 +111,30 @@ def compute_scores(
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
     """
-    modules, curvature, dampings, task, meta = _setup(model, factors, config, task)
-    pq = _precondition(model, modules, curvature, dampings, task, as_reiterable(queries, "queries"), config)
+    pq = precondition_queries(model, factors, queries, config, task=task)
+    return score_preconditioned(model, factors, pq, train, config, task=task)
+
+
+def score_preconditioned(
+    model: nn.Module,
+    factors: Factors,
+    preconditioned: Mapping[str, LayerQueries],
+    train: Iterable[Mapping[str, Any]],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    task: Task | None = None,
+) -> Scores:
+    """Score training sequences against queries already preconditioned by ``precondition_queries``.
+
+    Lets a long job precondition its queries once and stream the training set
+    in chunks (resume, candidate subsets). ``config`` must be the one the
+    queries were preconditioned with (damping and rank are baked into them).
+    """
+    modules, _, _, task, meta = _setup(model, factors, config, task)
+    missing = sorted(set(modules) - set(preconditioned))
+    if missing:
+        raise ValueError(f"preconditioned queries lack tracked layers: {', '.join(missing)}")
+    pq = preconditioned
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
@@ -174,4 +196,4 @@ def compute_self_scores(
     )
 
 
-__all__ = ["Scores", "compute_scores", "compute_self_scores", "precondition_queries", "SCALE_NOTE"]
+__all__ = ["Scores", "compute_scores", "compute_self_scores", "precondition_queries", "score_preconditioned", "SCALE_NOTE"]
