@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,23 +11,11 @@ from torch import nn
 
 from ..config import FactorConfig
 from ..hooks.modules import LayerInfo
+from .atomic import atomic_write as _atomic_write
 from .layout import FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE
 
 if TYPE_CHECKING:
     from ..curvature.fit import Factors
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_factors(factors: "Factors", path: str | Path) -> Path:
