@@ -56,6 +56,15 @@ class LayerQueries:
 
         return cls(dense=cat("dense"), u=cat("u"), s=cat("s"), v=cat("v"))
 
+    def select(self, index: torch.Tensor | list[int]) -> "LayerQueries":
+        """The preconditioned gradients of some queries only."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        return LayerQueries(dense=pick(self.dense), u=pick(self.u), s=pick(self.s), v=pick(self.v))
+
     @property
     def is_low_rank(self) -> bool:
         return self.u is not None
