@@ -1,0 +1,9 @@
+"""The HTML report of a run directory (`lminfluence report`).
+
+One self-contained page: inline CSS and SVG, no scripts, nothing fetched.
+"""
+
+from .load import load_run
+from .page import render, write_report
+
+__all__ = ["write_report", "load_run", "render"]
