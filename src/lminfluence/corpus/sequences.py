@@ -60,6 +60,9 @@ class SequenceStore:
             raise IndexError(i)
         return {"input_ids": torch.from_numpy(self.tokens(i).astype(np.int64))}
 
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
     def token_lists(self) -> Iterable[np.ndarray]:
         return (self.tokens(i) for i in range(len(self)))
 

@@ -1,0 +1,1 @@
+"""The command line: thin commands that validate a config, save it, and call the library."""
