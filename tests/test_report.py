@@ -21,7 +21,7 @@ from report_fixture import (
 )
 
 from lminfluence.report import write_report
-from lminfluence.report.plots import COOL, WARM, fmt, hex_colour, mix
+from lminfluence.report.plots import COOL, LEVELS, WARM, fmt, hex_colour, level, mix
 from lminfluence.storage import layout
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "wbr"}
@@ -126,21 +126,26 @@ def test_escaping_of_tokens_text_and_ids(run: Path):
     assert SCRIPT_TOKEN in [text(t) for t in toks]
 
 
+def css_background(html: str, cls: str) -> str:
+    (colour,) = re.findall(r"\.tok\." + cls + r"\{background:(#[0-9a-f]{6});", html)
+    return colour
+
+
 def test_token_heatmap_colours_order_and_titles(run: Path):
     """Token spans in position order; the strongest positive/negative tokens take the saturated end colours."""
-    tree = parse(write_report(run).read_text())
+    html = write_report(run).read_text()
+    tree = parse(html)
     rank, toks, scores, _ = SEQUENCES[0][0]
     spans = tree.find("span", "tok", inside="q0-p1")
     shown = [text(s).replace("↵", "") for s in spans]
     assert shown == toks  # the fixture writes token rows in reverse: the report sorts by position
-    style = {text(s).replace("↵", ""): s["attrs"].get("style", "") for s in spans}
-    assert style[STRONG_POS] == f"background:{hex_colour(WARM)}"
-    assert style[STRONG_NEG] == f"background:{hex_colour(COOL)}"
-    assert style[" of"] == ""  # score 0: no background at all
-    half = toks.index(" is")  # score 0.6 of a card whose max |score| is 1
-    assert style[" is"] == f"background:{hex_colour(mix(0.6))}"
+    levels = {text(s).replace("↵", ""): s["classes"] - {"tok"} for s in spans}
+    assert levels[STRONG_POS] == {f"p{LEVELS}"} and css_background(html, f"p{LEVELS}") == hex_colour(WARM)
+    assert levels[STRONG_NEG] == {f"n{LEVELS}"} and css_background(html, f"n{LEVELS}") == hex_colour(COOL)
+    assert levels[" of"] == set()  # score 0: no background at all
+    k = round(0.6 * LEVELS)  # " is" scores 0.6 in a card whose max |score| is 1
+    assert levels[" is"] == {f"p{k}"} and css_background(html, f"p{k}") == hex_colour(mix(k / LEVELS))
     assert [s["attrs"]["title"] for s in spans] == [fmt(x, signed=True) for x in scores]
-    assert "hi" in spans[toks.index(STRONG_POS)]["classes"] and "hi" not in spans[half - 1]["classes"]
     (nl,) = [s for s in spans if "\n" in text(s)]
     assert nl["attrs"]["title"] == fmt(0.1, signed=True)
 
@@ -151,8 +156,8 @@ def test_each_card_is_scaled_by_its_own_max(run: Path):
     _, toks, scores, _ = SEQUENCES[0][1]
     spans = tree.find("span", "tok", inside="q0-p2")
     strongest = max(range(len(scores)), key=lambda i: abs(scores[i]))
-    assert spans[strongest]["attrs"]["style"] == f"background:{hex_colour(WARM)}"
-    assert spans[1]["attrs"]["style"] == f"background:{hex_colour(mix(-0.2))}"  # -0.1 / 0.5
+    assert spans[strongest]["classes"] == {"tok", f"p{LEVELS}"}
+    assert spans[1]["classes"] == {"tok", f"n{round(0.2 * LEVELS)}"}  # -0.1 / 0.5
 
 
 def _block_bars(tree: Tree, card: str) -> list[tuple[str, str]]:
@@ -238,3 +243,9 @@ def test_colour_scale_ends():
     assert mix(2.0) == WARM  # clipped
     r, g, b = mix(0.5)
     assert r > g > b and (r, g, b) != WARM
+
+
+def test_heatmap_levels():
+    assert level(1.0) == f"p{LEVELS}" and level(-1.0) == f"n{LEVELS}"
+    assert level(0.0) == "" and level(0.4 / LEVELS) == ""  # rounds to no colour
+    assert level(0.5) == f"p{LEVELS // 2}" and level(-0.5) == f"n{LEVELS // 2}"

@@ -13,10 +13,8 @@ from html import escape
 import numpy as np
 
 from .load import Query, Shown
-from .plots import blocks_svg, fmt, histogram_svg, tint
+from .plots import blocks_svg, fmt, histogram_svg, level
 
-SATURATED_TEXT = 0.55  # above this share of the card's max |score| a token's text turns white
-BLANK = 0.005  # below this share a token gets no background at all (keeps the file small)
 
 
 def _token_text(token: str) -> str:
@@ -31,10 +29,8 @@ def heatmap_html(tokens: list[str], scores: np.ndarray) -> str:
     peak = float(np.max(np.abs(scores))) if len(scores) else 0.0
     parts = []
     for token, s in zip(tokens, scores.tolist()):
-        t = s / peak if peak > 0 else 0.0
-        style = f' style="background:{tint(t)}"' if abs(t) >= BLANK else ""
-        cls = "tok hi" if abs(t) > SATURATED_TEXT else "tok"
-        parts.append(f'<span class="{cls}"{style} title="{escape(fmt(s, True))}">{_token_text(token)}</span>')
+        cls = level(s / peak) if peak > 0 else ""
+        parts.append(f'<span class="tok{" " + cls if cls else ""}" title="{escape(fmt(s, True))}">{_token_text(token)}</span>')
     return "".join(parts)
 
 
@@ -87,7 +83,7 @@ def query_html(q: Query) -> str:
     marks = [s.score for s in q.positive + q.negative]
     parts = [
         f'<section class="query" id="q-{q.index}">',
-        f'<h2><span class="qid">{escape(q.id)}</span> <a class="back" href="#index" title="back to the index">↑ index</a></h2>',
+        f'<h2>Query <span class="qid">{escape(q.id)}</span> <a class="back" href="#index" title="back to the index">↑ index</a></h2>',
         f'<pre class="qa"><span class="prompt">{escape(q.prompt)}</span>'
         f'<mark class="completion">{escape(q.completion)}</mark></pre>',
         '<p class="stats">'

@@ -12,6 +12,8 @@ from html import escape
 # The diverging scale: white at 0, these at ±(max |score| of the card).
 WARM = (217, 72, 1)  # positive: raises p(completion | prompt)
 COOL = (33, 102, 172)  # negative: lowers it
+LEVELS = 32  # heatmap colour steps per sign
+WHITE_TEXT = 0.55  # above this share of the card's max |score| a token's text turns white
 INK = "#222"
 MUTED = "#767676"
 AXIS = "#9a9a9a"
@@ -43,6 +45,26 @@ def hex_colour(rgb: tuple[int, int, int]) -> str:
 
 def tint(t: float) -> str:
     return hex_colour(mix(t))
+
+
+def level(t: float) -> str:
+    """The heatmap class of a value t in [-1, 1]: ``p1``..``p{LEVELS}`` warm, ``n1``.. blue, "" near zero.
+
+    Classes rather than inline colours keep a 2000-token card about a third smaller; the
+    title attribute keeps the exact score.
+    """
+    k = round(min(abs(t), 1.0) * LEVELS)
+    return "" if k == 0 else f"{'p' if t > 0 else 'n'}{k}"
+
+
+def level_css() -> str:
+    """One rule per heatmap class; from WHITE_TEXT on the text turns white to stay readable."""
+    rules = []
+    for k in range(1, LEVELS + 1):
+        ink = "color:#fff;" if k / LEVELS > WHITE_TEXT else ""
+        rules.append(f".tok.p{k}{{background:{tint(k / LEVELS)};{ink}}}")
+        rules.append(f".tok.n{k}{{background:{tint(-k / LEVELS)};{ink}}}")
+    return "\n".join(rules)
 
 
 def _ticks_text(x: float, y: float, text: str, anchor: str = "middle", size: int = 10, colour: str = MUTED) -> str:

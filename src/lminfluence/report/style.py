@@ -1,6 +1,6 @@
 """The report's inline stylesheet: system fonts only, white background, nothing fetched."""
 
-from .plots import COOL, INK, MUTED, WARM, hex_colour, tint
+from .plots import COOL, INK, MUTED, WARM, hex_colour, level_css, tint
 
 CSS = f"""
 :root {{
@@ -58,7 +58,8 @@ figure {{ margin: 0; }}
 figure.dist figcaption, figure.side figcaption {{ font-size: 12px; color: var(--muted); }}
 svg {{ display: block; font-family: var(--sans); overflow: visible; }}
 
-.card {{ border: 1px solid #dcdcdc; border-radius: 6px; margin: 0 0 14px; background: #fff; }}
+.card {{ border: 1px solid #dcdcdc; border-radius: 6px; margin: 0 0 14px; background: #fff;
+  content-visibility: auto; contain-intrinsic-size: auto 220px; }}  /* long reports: lay out cards near the viewport only */
 .card-head {{ display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 14px; padding: 7px 12px;
   border-bottom: 1px solid #ececec; background: #fbfbfa; border-radius: 6px 6px 0 0; font-size: 13px; }}
 .card-head .rank {{ font-weight: 700; color: #555; min-width: 26px; }}
@@ -70,12 +71,12 @@ svg {{ display: block; font-family: var(--sans); overflow: visible; }}
 .text {{ font: 13px/1.75 var(--mono); white-space: pre-wrap; overflow-wrap: anywhere; max-height: 26em; overflow-y: auto; }}
 .text.plain {{ color: #333; }}
 span.tok {{ border-radius: 2px; padding: 1px 0; }}
-span.tok.hi {{ color: #fff; }}
-span.tok .nl {{ color: #aaa; font-size: 0.85em; }}
-span.tok.hi .nl {{ color: #fff; }}
+span.tok .nl {{ opacity: 0.45; font-size: 0.85em; }}
+{level_css()}
 span.tok:hover {{ outline: 1px solid #333; }}
 p.cap {{ font-size: 12px; color: var(--muted); margin: 6px 0 0; }}
 figure.side {{ flex: 0 0 250px; }}
+figure.side figcaption {{ text-align: center; }}
 
 details.negative {{ margin-top: 14px; }}
 details.negative > summary {{ cursor: pointer; font-weight: 650; font-size: 15px; color: #333; margin-bottom: 10px; }}
