@@ -6,6 +6,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from report_fixture import (
@@ -21,6 +22,7 @@ from report_fixture import (
 )
 
 from lminfluence.report import write_report
+from lminfluence.report.cards import heatmap_html
 from lminfluence.report.plots import COOL, LEVELS, WARM, fmt, hex_colour, level, mix
 from lminfluence.storage import layout
 
@@ -249,3 +251,11 @@ def test_heatmap_levels():
     assert level(1.0) == f"p{LEVELS}" and level(-1.0) == f"n{LEVELS}"
     assert level(0.0) == "" and level(0.4 / LEVELS) == ""  # rounds to no colour
     assert level(0.5) == f"p{LEVELS // 2}" and level(-0.5) == f"n{LEVELS // 2}"
+
+
+def test_non_finite_token_scores_do_not_break_the_card():
+    """A NaN token (e.g. a masked position) gets no colour and a dash; the others are still scaled by the finite max."""
+    tree = parse(heatmap_html(["a", "b", "c"], np.array([0.5, float("nan"), -0.25])))
+    spans = tree.find("span", "tok")
+    assert [s["classes"] for s in spans] == [{"tok", f"p{LEVELS}"}, {"tok"}, {"tok", f"n{LEVELS // 2}"}]
+    assert spans[1]["attrs"]["title"] == "–"

@@ -26,7 +26,7 @@ def _token_text(token: str) -> str:
 
 def heatmap_html(tokens: list[str], scores: np.ndarray) -> str:
     """The sequence's tokens, each on a background coloured by its score over the card's max |score|."""
-    peak = float(np.max(np.abs(scores))) if len(scores) else 0.0
+    peak = float(np.nanmax(np.abs(scores))) if np.isfinite(scores).any() else 0.0
     parts = []
     for token, s in zip(tokens, scores.tolist()):
         cls = level(s / peak) if peak > 0 else ""
@@ -37,7 +37,8 @@ def heatmap_html(tokens: list[str], scores: np.ndarray) -> str:
 def _caption(s: Shown) -> str:
     if s.tokens is None or s.token_scores is None:
         return '<p class="note">No per-token scores for this sequence in tokens.parquet: plain text shown.</p>'
-    peak = float(np.max(np.abs(s.token_scores))) if len(s.token_scores) else 0.0
+    finite = np.isfinite(s.token_scores)
+    peak = float(np.max(np.abs(s.token_scores[finite]))) if finite.any() else 0.0
     total = float(np.sum(s.token_scores))
     return (
         f'<p class="cap">{len(s.tokens)} tokens · colour scale ±{escape(fmt(peak))} (max |token score|) · '

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from ..storage.layout import LAYERS_TABLE, QUERIES_TABLE, RUN_CONFIG, RUN_MANIFEST, SEQUENCES_FILE, TOKENS_TABLE, TOP_TABLE
 
@@ -105,8 +106,6 @@ def _keys(query_index: np.ndarray, seq_index: np.ndarray) -> np.ndarray:
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    import yaml
-
     data = yaml.safe_load(path.read_text())
     return data if isinstance(data, dict) else {}
 

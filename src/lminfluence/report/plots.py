@@ -53,6 +53,8 @@ def level(t: float) -> str:
     Classes rather than inline colours keep a 2000-token card about a third smaller; the
     title attribute keeps the exact score.
     """
+    if not math.isfinite(t):
+        return ""
     k = round(min(abs(t), 1.0) * LEVELS)
     return "" if k == 0 else f"{'p' if t > 0 else 'n'}{k}"
 
