@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from ..config import FactorConfig
 from ..corpus.readers import InputError, read_documents
@@ -38,6 +39,8 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
     Every input is checked before the run directory is touched.
     """
     rd = RunDir(config.run_dir)
+    if not Path(config.corpus.path).exists():
+        raise InputError(f"corpus {config.corpus.path} does not exist")
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     check_pairing(model, tokenizer, config.corpus.max_length)

@@ -153,7 +153,7 @@ def _ends(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top, np.asarray(bottom, dtype=np.int64)
 
 
-def refine(model, factors, examples, store, first: np.ndarray, s, partial: Partial, task) -> tuple[np.ndarray, list[Shown]]:
+def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray, s, partial: Partial, task) -> tuple[np.ndarray, list[Shown]]:
     """Re-score the ends of each query at full rank (when asked) and compute the shown sequences' details.
 
     Returns the final score matrix (first-stage entries replaced where
@@ -175,7 +175,7 @@ def refine(model, factors, examples, store, first: np.ndarray, s, partial: Parti
             else:
                 pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task)
                 idx = np.unique(np.concatenate([np.concatenate(_ends(first[q], s.rescore_top)) for q in qs]))
-                block = score_preconditioned(model, factors, pq, store.subset(idx), _score_config(s, None), task=task).total.double().numpy()
+                block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task).total.double().numpy()
                 save_npz(saved, idx=idx, scores=block)
             for j, q in enumerate(qs):
                 keep = np.isfinite(first[q, idx])  # this query's candidates only
@@ -190,7 +190,7 @@ def refine(model, factors, examples, store, first: np.ndarray, s, partial: Parti
                 top, bottom = _ends(choice[q], s.top)
                 cols = np.concatenate([top, bottom])
                 one = {n: lq.select([j]) for n, lq in pq.items()}
-                sc = score_preconditioned(model, factors, one, store.subset(cols), detail_cfg, task=task)
+                sc = score_preconditioned(model, factors, one, store.subset(union[cols]), detail_cfg, task=task)
                 arrays = {
                     "cols": cols,
                     "ranks": np.concatenate([np.arange(1, len(top) + 1), -np.arange(1, len(bottom) + 1)]),
@@ -268,7 +268,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     if not overwrite and rd.finished("score") and saved.get("score") == s.to_dict() and (rd / layout.QUERIES_TABLE).is_file():
         logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
         return rd
-    queries = read_queries(s.queries)
+    queries = read_queries(s.queries)  # before the model: cheap checks first
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     factors = load_factors(rd / layout.FACTORS_DIR, model)
@@ -283,7 +283,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     partial = Partial(rd / layout.PARTIAL_DIR, key)
     first = scan(model, factors, examples, store, union, s, partial, task)
     first[~mask] = np.nan  # each query keeps its own candidates
-    final, shown = refine(model, factors, examples, store, first, s, partial, task)
+    final, shown = refine(model, factors, examples, store, union, first, s, partial, task)
     logp = log_probs(model, examples, task, s.query_batch_size)
     from .tables import write_tables
 

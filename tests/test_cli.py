@@ -1,0 +1,219 @@
+"""The command line end to end on a tiny on-disk model: tables against the library, resume, replay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from cli_fixture import make_inputs
+
+from lminfluence import CausalLMTask, ScoreConfig, compute_scores, examples_from_pairs, load_factors
+from lminfluence.cli.main import main
+from lminfluence.corpus import SequenceStore, read_documents
+from lminfluence.filtering.tfidf import TfidfIndex
+from lminfluence.storage import layout
+
+SCORE_ARGS = ["--candidates", "50", "--rank", "4", "--rescore-top", "12", "--top", "5", "--chunk-size", "16", "--save-matrix"]
+# float32 model: the same scores computed in other batch compositions agree to this
+RTOL = 2e-4
+
+
+def fit_args(inputs, run):
+    return ["fit", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--max-length", "32", "-o", str(run), "-q"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def run(inputs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(fit_args(inputs, run)) == 0
+    assert main(["score", "-o", str(run), "--queries", str(inputs["queries"]), "-q", *SCORE_ARGS]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, run):
+    """Brute force through the library: every query against every sequence, full rank and rank 4."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(inputs["model"])
+    factors = load_factors(run / layout.FACTORS_DIR, model)
+    store = SequenceStore.load(run)
+    rows = [json.loads(line) for line in inputs["queries"].read_text().splitlines()]
+    queries = examples_from_pairs(tok, [(r["prompt"], r["completion"]) for r in rows])
+    full = compute_scores(model, factors, queries, list(store)).total.double().numpy()
+    low = compute_scores(model, factors, queries, list(store), ScoreConfig(query_rank=4)).total.double().numpy()
+    return {"model": model, "tokenizer": tok, "store": store, "queries": queries, "full": full, "low": low}
+
+
+def tables(run: Path) -> dict[str, pd.DataFrame]:
+    return {t: pd.read_parquet(run / f"scores/{t}.parquet") for t in ("queries", "top", "layers", "tokens", "matrix")}
+
+
+def snapshot(path: Path):
+    """Every file under ``path`` with its size and mtime: equal snapshots mean nothing was touched."""
+    if not path.exists():
+        return None
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def test_documented_columns(run):
+    """Every table has exactly the columns docs/run-directory.md lists."""
+    doc = (Path(__file__).parents[1] / "docs/run-directory.md").read_text()
+    t = tables(run)
+    for name, df in t.items():
+        section = doc.split(f"## scores/{name}.parquet")[1].split("\n## ")[0]
+        documented = set()
+        for line in section.splitlines():
+            if line.startswith("| ") and not line.startswith("| column") and not line.startswith("|---"):
+                documented |= {c.strip() for c in line.split("|")[1].split(",")}
+        assert set(df.columns) == documented, (name, set(df.columns) ^ documented)
+    seqs = pd.read_parquet(run / layout.SEQUENCES_FILE)
+    assert list(seqs.columns) == ["seq_index", "doc_id", "chunk", "char_start", "char_end", "num_tokens", "text"]
+
+
+def test_sequences_keep_provenance(inputs, run, reference):
+    """Each sequence is the document's text at its span, and its tokens decode to that text."""
+    docs = {d.id: d.text for d in read_documents(inputs["corpus"])}
+    seqs = pd.read_parquet(run / layout.SEQUENCES_FILE)
+    store, tok = reference["store"], reference["tokenizer"]
+    assert len(seqs) == len(store) > len(docs)  # long documents were cut
+    for row in seqs.itertuples():
+        assert row.text == docs[row.doc_id][row.char_start : row.char_end]
+        assert tok.decode(store.tokens(row.seq_index).tolist()) == row.text
+        assert 2 <= row.num_tokens <= 32
+    # pieces of one document are consecutive and cover it without gaps
+    for doc_id, group in seqs.groupby("doc_id"):
+        assert list(group.chunk) == list(range(len(group)))
+        assert group.char_start.iloc[0] <= len(docs[doc_id]) - len(docs[doc_id].lstrip())
+        assert group.char_end.iloc[-1] == len(docs[doc_id].rstrip()) or group.char_end.iloc[-1] == len(docs[doc_id])
+
+
+def test_candidates_are_the_tfidf_top_k(run, reference):
+    """The scan scores exactly each query's 50 TF-IDF candidates (METHOD §6), with their TF-IDF scores."""
+    t = tables(run)
+    index = TfidfIndex.build(reference["store"].token_lists())
+    ids = [list(map(int, q["input_ids"])) for q in reference["queries"]]
+    _, best = index.top_k(ids, 50)
+    tf = index.scores(ids)
+    for q in range(len(ids)):
+        scored = t["matrix"][t["matrix"].query_index == q]
+        assert set(scored.seq_index) == set(best[q].tolist())
+        top = t["top"][t["top"].query_index == q]
+        np.testing.assert_allclose(top.tfidf, tf[q, top.seq_index], rtol=1e-6)
+
+
+def test_scan_scores_equal_the_library_at_rank_4(run, reference):
+    m = tables(run)["matrix"]
+    np.testing.assert_allclose(m.score, reference["low"][m.query_index, m.seq_index], rtol=RTOL, atol=1e-4 * np.abs(reference["low"]).max())
+
+
+def test_top_is_the_full_rank_best_of_the_rescored(run, reference):
+    """Shown scores are full-rank scores, and the shown five are the best five of the re-scored twelve."""
+    t, full, low = tables(run), reference["full"], reference["low"]
+    m = t["matrix"]
+    for q in range(full.shape[0]):
+        top = t["top"][(t["top"].query_index == q) & (t["top"]["rank"] > 0)].sort_values("rank")
+        np.testing.assert_allclose(top.score, full[q, top.seq_index], rtol=RTOL)
+        assert np.all(np.diff(top.score) <= 1e-6 * np.abs(top.score).max())
+        scan = m[m.query_index == q].sort_values(["score", "seq_index"], ascending=[False, True])
+        rescored = scan.seq_index.to_numpy()[:12]
+        expect = rescored[np.argsort(-full[q, rescored], kind="stable")][:5]
+        assert top.seq_index.tolist() == expect.tolist()
+        np.testing.assert_allclose(top.first_stage_score, low[q, top.seq_index], rtol=RTOL, atol=1e-4 * np.abs(low).max())
+        bottom = t["top"][(t["top"].query_index == q) & (t["top"]["rank"] < 0)].sort_values("rank", ascending=False)
+        assert len(bottom) == 5 and bottom.score.max() <= top.score.min()
+
+
+def test_decompositions_sum_to_the_score(run):
+    """Per-layer, per-block and per-token scores add up to each shown score (Eqs 30–31)."""
+    t = tables(run)
+    key = ["query_index", "seq_index"]
+    top = t["top"].set_index(key)
+    by_layer = t["layers"].groupby(key).score.sum()
+    by_token = t["tokens"].groupby(key).score.sum()
+    np.testing.assert_allclose(by_layer.loc[top.index], top.score, rtol=1e-6)
+    np.testing.assert_allclose(by_token.loc[top.index], top.score, rtol=1e-4, atol=1e-6 * top.score.abs().max())
+    np.testing.assert_allclose(top.block_scores.map(sum), top.score, rtol=1e-6)
+    assert set(t["layers"].block) == {0, 1}
+    # the last token predicts nothing: its score is 0 (METHOD §5 puts each term on the token before the prediction)
+    last = t["tokens"].groupby(key).position.transform("max") == t["tokens"].position
+    assert (t["tokens"][last].score == 0).all()
+
+
+def test_queries_table(run, reference):
+    """log p(completion | prompt) is the model's, and the histogram counts every scored sequence."""
+    t = tables(run)["queries"]
+    task = CausalLMTask()
+    batch = task.collate(reference["queries"])
+    with torch.no_grad():
+        logp = task.measurement(task.forward(reference["model"], batch), batch).double().numpy()
+    np.testing.assert_allclose(t.logp, logp, rtol=1e-5)
+    assert (t.num_scored == 50).all()
+    assert all(sum(c) == 50 and len(e) == len(c) + 1 for c, e in zip(t.hist_counts, t.hist_edges))
+
+
+def test_rerun_reuses_and_replay_reproduces(inputs, run, tmp_path):
+    """A second identical command recomputes nothing; `run --config` of the saved config reproduces the scores."""
+    before = snapshot(run / layout.SCORES_DIR)
+    assert main(["score", "-o", str(run), "--queries", str(inputs["queries"]), "-q", *SCORE_ARGS]) == 0
+    assert snapshot(run / layout.SCORES_DIR) == before
+    replay = tmp_path / "replay"
+    assert main(["run", "--config", str(run / layout.RUN_CONFIG), "--run-dir", str(replay), "-q"]) == 0
+    a, b = tables(run)["top"], tables(replay)["top"]
+    assert a.seq_index.tolist() == b.seq_index.tolist()
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-6)
+    assert (replay / layout.REPORT_FILE).is_file()
+
+
+def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
+    """A scan killed half-way resumes from its saved chunks and gives the uninterrupted result."""
+    import lminfluence.workflow.scoring as scoring
+
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / layout.SCORES_DIR)
+    (other / layout.RUN_MANIFEST).write_text(json.dumps({k: v for k, v in json.loads((run / layout.RUN_MANIFEST).read_text()).items() if k != "score"}))
+    real = scoring.score_preconditioned
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_preconditioned", flaky)
+    args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "-q", *SCORE_ARGS]
+    assert main(args) == 130
+    assert not (other / layout.QUERIES_TABLE).exists()
+    assert len(list((other / layout.PARTIAL_DIR).glob("scan-*.npy"))) == 2
+    calls.clear()
+    monkeypatch.setattr(scoring, "score_preconditioned", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(args) == 0
+    chunks = -(-len(pd.read_parquet(run / layout.MATRIX_TABLE).seq_index.unique()) // 16)
+    assert len(calls) == chunks - 2 + 1 + 3  # the rest of the scan, one re-score, three queries' details
+    a, b = tables(run)["top"], tables(other)["top"]
+    assert a.seq_index.tolist() == b.seq_index.tolist()
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-6)
+    assert not (other / layout.PARTIAL_DIR).exists()
+
+
+def test_console_script(inputs, tmp_path):
+    """The installed `lminfluence` command runs, and bad input ends in one line, not a traceback."""
+    exe = Path(sys.executable).with_name("lminfluence")
+    out = subprocess.run([str(exe), "fit", "--model", str(inputs["model"]), "--corpus", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "nope.jsonl does not exist" in out.stderr and "Traceback" not in out.stderr
