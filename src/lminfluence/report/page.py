@@ -86,9 +86,10 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
     damping = _first(_get(c, "score.damping"), m.get("damping"))
     if damping is None and _first(_get(c, "score.damping_scale"), m.get("damping_scale")) is not None:
         damping = f"{_first(_get(c, 'score.damping_scale'), m.get('damping_scale'))} × mean eigenvalue (per layer)"
-    train_size = _first(m.get("train_size"), run.num_sequences)
-    rank = _first(_get(c, "score.query_rank"), m.get("query_rank"))
-    candidates = _first(_get(c, "score.candidates"), m.get("candidates"))
+    train_size = _first(_get(m, "fit.train_size"), m.get("train_size"), run.num_sequences)
+    rank = _first(_get(m, "score.query_rank"), _get(c, "score.rank"), _get(c, "score.query_rank"), m.get("query_rank"))
+    candidates = _first(_get(m, "score.candidates"), _get(c, "score.candidates"), m.get("candidates"))
+    rescore = _first(_get(m, "score.rescore_top"), _get(c, "score.rescore_top"))
     has_score = isinstance(c.get("score"), dict)
     version = _first(m.get("lminfluence_version"), _get(m, "versions.lminfluence"), m.get("version"))
     rows = [
@@ -99,10 +100,12 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("training sequences", f"{int(train_size):,}" if isinstance(train_size, (int, float)) else train_size),
         ("query rank", rank if rank is not None else ("full" if has_score else None)),
         ("candidates (TF-IDF)", candidates if candidates is not None else ("all sequences" if has_score else None)),
+        ("re-scored at full rank", f"top and bottom {rescore} per query" if rescore else None),
         ("queries", str(len(run.queries))),
         ("lminfluence", version),
     ]
-    rows += [(f"time: {name}", d) for name, d in _timings(m.get("stages"))]
+    stages = m.get("stages") or {k: m[k] for k in ("fit", "score") if isinstance(m.get(k), dict) and "seconds" in m[k]}
+    rows += [(f"time: {name}", d) for name, d in _timings(stages)]
     return [(k, str(v)) for k, v in rows if v is not None and v != ""]
 
 
