@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-Strategy = Literal["identity", "diagonal", "kfac", "ekfac"]
+Strategy = Literal["identity", "diagonal", "kfac", "ekfac", "lissa"]
 FisherType = Literal["sampled", "empirical"]
 Algorithm = Literal["auto", "materialize", "project"]
 
@@ -47,7 +47,9 @@ class FactorConfig(_Serializable):
     """How the curvature (G + λI) is approximated (METHOD.md §3).
 
     Attributes:
-        strategy: ``identity`` (gradient dot product), ``diagonal``, ``kfac`` or ``ekfac``.
+        strategy: ``identity`` (gradient dot product), ``diagonal``, ``kfac``,
+            ``ekfac`` or ``lissa`` (the stochastic Neumann series of Eq 10 over
+            all tracked layers jointly; see ``curvature/lissa.py``).
         fisher: ``sampled`` draws the backward-pass labels from the model's own
             predictive distribution (the Gauss–Newton Hessian in expectation);
             ``empirical`` uses the true labels.
@@ -55,13 +57,24 @@ class FactorConfig(_Serializable):
             every block. Each entry is a preset (``"mlp"``, ``"attention"``) or a
             glob over module names (``"model.layers.*.mlp.down_proj"``).
         seed: seed of the label sampling: a fit is reproducible for the same
-            data, batch size and device.
+            data, batch size and device. LiSSA also draws its mini-batches from it.
+        lissa_scale: LiSSA's α in r_j = v + (I - α(G̃ + λI)) r_{j-1} (Eq 10);
+            the iteration converges only for α(μ_max + λ) < 2. None picks
+            α = 1 / (μ̂_max + λ) from a power iteration on mini-batch
+            Gauss–Newton-vector products.
+        lissa_depth: J, the number of recursion steps (one mini-batch each).
+        lissa_repeats: independent recursions averaged.
+        lissa_batch_size: training sequences per Gauss–Newton-vector product.
     """
 
     strategy: str = "ekfac"
     fisher: str = "sampled"
     modules: tuple[str, ...] | None = None
     seed: int = 0
+    lissa_scale: float | None = None
+    lissa_depth: int = 1000
+    lissa_repeats: int = 1
+    lissa_batch_size: int = 8
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -75,6 +88,18 @@ class FactorConfig(_Serializable):
             object.__setattr__(self, "modules", mods)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.lissa_scale is not None and not (
+            isinstance(self.lissa_scale, (int, float)) and math.isfinite(self.lissa_scale) and self.lissa_scale > 0
+        ):
+            raise ValueError(f"lissa_scale must be a finite number > 0 or None (automatic), got {self.lissa_scale!r}")
+        _check_positive_int("lissa_depth", self.lissa_depth)
+        _check_positive_int("lissa_repeats", self.lissa_repeats)
+        _check_positive_int("lissa_batch_size", self.lissa_batch_size)
+        if self.strategy == "lissa" and self.fisher != "sampled":
+            raise ValueError(
+                "strategy='lissa' uses exact Gauss–Newton-vector products; fisher='empirical' does not apply "
+                "(leave fisher='sampled')"
+            )
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def fit_factors(
     train = as_reiterable(train, "train")
     modules = resolve_modules(model, config.modules)
     layers = {n: layer_info(m) for n, m in modules.items()}
-    curvature = make_curvature(config.strategy, layers)
+    curvature = make_curvature(config.strategy, layers, config)
     logger.info("fitting %s on %d tracked layers", config.strategy, len(layers))
 
     device = model_device(model)
@@ -200,6 +200,7 @@ def fit_factors(
                 cache.close()
             curvature.finalize(pass_name, num_tokens, num_sequences)
             timings[pass_name] = time.perf_counter() - start
+    curvature.attach_data(train)  # kept only by strategies that use it again (LiSSA)
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
         num_sequences = sum(1 for _ in train)
         if num_sequences == 0:

@@ -8,6 +8,7 @@ from ..hooks.collector import LayerCapture
 from ..hooks.modules import LayerInfo
 from . import math as cm
 from .base import CORRECTION, COVARIANCE, Curvature, EigenbasisCurvature, Identity
+from .lissa import LiSSA
 
 
 class Diagonal(EigenbasisCurvature):
@@ -76,13 +77,13 @@ class EKFAC(KFAC):
             self._finalize_squares(num_sequences)
 
 
-STRATEGY_CLASSES: dict[str, type[Curvature]] = {c.name: c for c in (Identity, Diagonal, KFAC, EKFAC)}
+STRATEGY_CLASSES: dict[str, type[Curvature]] = {c.name: c for c in (Identity, Diagonal, KFAC, EKFAC, LiSSA)}
 
 
-def make_curvature(strategy: str, layers: dict[str, LayerInfo]) -> Curvature:
+def make_curvature(strategy: str, layers: dict[str, LayerInfo], config=None) -> Curvature:
     if strategy not in STRATEGY_CLASSES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CLASSES)}")
-    return STRATEGY_CLASSES[strategy](layers)
+    return STRATEGY_CLASSES[strategy](layers, config)
 
 
-__all__ = ["Diagonal", "KFAC", "EKFAC", "Identity", "STRATEGY_CLASSES", "make_curvature"]
+__all__ = ["Diagonal", "KFAC", "EKFAC", "Identity", "LiSSA", "STRATEGY_CLASSES", "make_curvature"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ScoreConfig
 from ..curvature.fit import Factors, tracked_modules
+from ..curvature.math import low_rank, sequence_gradients
 from ..passes import as_reiterable, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores
@@ -63,6 +64,7 @@ def _setup(model: nn.Module, factors: Factors, config: ScoreConfig, task: Task |
         "query_rank": config.query_rank,
         "train_size": factors.num_sequences,
         "scale": SCALE_NOTE,
+        **curvature.describe(),
     }
     return modules, curvature, dampings, task or CausalLMTask(), meta
 
@@ -81,11 +83,24 @@ def precondition_queries(
 
 def _precondition(model, modules, curvature, dampings, task, queries, config) -> dict[str, LayerQueries]:
     parts: dict[str, list[LayerQueries]] = {n: [] for n in modules}
+    joint: list[dict[str, torch.Tensor]] = []  # query gradients of a joint strategy, preconditioned after the pass
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
+            if curvature.joint:
+                joint.append({n: sequence_gradients(cap.a, cap.ds) for n, cap in bc.captures.items()})
+                continue
             for name, cap in bc.captures.items():
                 lq = LayerQueries.precondition(curvature, name, cap.a, cap.ds, dampings[name], config.query_rank)
                 parts[name].append(lq)
+    # A joint strategy (LiSSA) runs the model itself, so only once the hooks are gone
+    for grads in joint:
+        for name, p in curvature.precondition_all(grads, dampings, model=model, task=task).items():  # [Q, O, I]
+            rank = config.query_rank
+            if rank is None or rank >= min(p.shape[-2:]):
+                parts[name].append(LayerQueries(dense=p))
+            else:
+                u, s, w = low_rank(p, rank)
+                parts[name].append(LayerQueries(u=u, s=s, v=w))
     return {n: LayerQueries.concat(ps) for n, ps in parts.items()}
 
 

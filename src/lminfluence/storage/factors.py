@@ -60,13 +60,14 @@ def load_factors(path: str | Path, model: nn.Module | None = None) -> "Factors":
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     layers = {n: LayerInfo(**d) for n, d in manifest["layers"].items()}
-    curvature = make_curvature(manifest["strategy"], layers)
+    config = FactorConfig.from_dict(manifest["config"])
+    curvature = make_curvature(manifest["strategy"], layers, config)
     tensor_path = path / FACTORS_FILE
     if not tensor_path.is_file():
         raise FileNotFoundError(f"no factors at {path}: {FACTORS_FILE} is missing next to {MANIFEST_FILE}")
     curvature.load_state_dict(load_file(str(tensor_path)))
     factors = Factors(
-        config=FactorConfig.from_dict(manifest["config"]),
+        config=config,
         curvature=curvature,
         num_tokens=manifest["num_tokens"],
         num_sequences=manifest["num_sequences"],
