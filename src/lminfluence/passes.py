@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -101,6 +102,8 @@ def run_pass(
     device = model_device(model)
     total = num_examples(data)
     seen = 0
+    seen_tokens = 0
+    start = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="seq", disable=None, leave=False) as bar:
         for examples in batches(data, batch_size):
             batch = {k: v.to(device) for k, v in task.collate(examples).items()}
@@ -122,6 +125,8 @@ def run_pass(
             tokens = int(mask.sum()) if mask is not None else first.a.shape[0] * first.a.shape[1]
             del outputs, loss, batch  # the logits ([B, T, V]) must not outlive the backward
             seen += len(examples)
+            seen_tokens += tokens
+            bar.set_postfix_str(f"{seen_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
             bar.update(len(examples))
             yield BatchCapture(captures, len(examples), tokens)
     if seen == 0:
