@@ -27,9 +27,9 @@ test-all: install
 bench: install
 	$(PY) benchmarks/bench_core.py
 
+# builds (or reuses) the demo's corpus, model and run in ./lminfluence-demo, then prints the results
 demo: install
-	@echo "make demo arrives with the end-to-end workflow (issue 3); see README.md." >&2
-	@exit 2
+	$(VENV)/bin/lminfluence demo --workdir lminfluence-demo
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,135 @@
+"""`lminfluence demo`: planted facts in real text, a small GPT trained on it, EK-FAC, the report.
+
+Prints where the report is, the top sequences of two queries, the planted-fact
+retrieval accuracy (how often a query's top-ranked sequence states the queried
+fact) and what the flipped-order queries show (METHOD.md §7, word order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..storage import layout
+from ..storage.atomic import atomic_write_json
+from ..workflow.config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreSection
+
+REQUIRED_ACCURACY = 0.9  # the issue's acceptance bar for the full-scale demo
+
+
+def demo_config(inputs, run_dir: Path) -> RunConfig:
+    return RunConfig(
+        run_dir=str(run_dir),
+        model=ModelSection(path=str(inputs.model_dir), dtype="float32"),
+        corpus=CorpusSection(path=str(inputs.corpus_path), max_length=inputs.max_length),
+        fit=FitSection(strategy="ekfac", batch_size=16),
+        score=ScoreSection(queries=str(inputs.queries_path), top=10, batch_size=16, query_batch_size=32, save_matrix=True),
+    )
+
+
+def summarize(run_dir: Path, queries: list[dict], facts: list[dict]) -> dict:
+    """Retrieval accuracy of the fact queries and the word-order comparison, from the score tables."""
+    top = pd.read_parquet(run_dir / layout.TOP_TABLE)
+    matrix = pd.read_parquet(run_dir / layout.MATRIX_TABLE)
+    seqs = pd.read_parquet(run_dir / layout.SEQUENCES_FILE, columns=["seq_index", "doc_id"])
+    doc_of = seqs.set_index("seq_index").doc_id
+    docs_of_fact = {f["id"]: set(f["doc_ids"]) for f in facts}
+    index_of = {q["id"]: i for i, q in enumerate(queries)}
+    hits, per_fact = [], {}
+    for q in queries:
+        if q["kind"] != "fact":
+            continue
+        best = top[(top.query_id == q["id"]) & (top["rank"] == 1)]
+        hit = bool(len(best)) and best.doc_id.iloc[0] in docs_of_fact[q["fact_id"]]
+        hits.append(hit)
+        per_fact[q["fact_id"]] = {"trained": q["id"], "hit": hit}
+    for q in queries:
+        if q["kind"] == "flipped" and q["fact_id"] in per_fact:
+            per_fact[q["fact_id"]]["flipped"] = q["id"]
+
+    def fact_rows(query_id: str, fact_id: str):
+        rows = matrix[matrix.query_index == index_of[query_id]].sort_values("score", ascending=False).reset_index(drop=True)
+        mine = rows.seq_index.map(doc_of).isin(docs_of_fact[fact_id])
+        return rows, mine
+
+    order = []
+    for fact_id, entry in per_fact.items():
+        if "flipped" not in entry:
+            continue
+        (r1, m1), (r2, m2) = fact_rows(entry["trained"], fact_id), fact_rows(entry["flipped"], fact_id)
+        order.append(
+            {
+                "fact": fact_id,
+                "best_rank_trained": int(np.flatnonzero(m1)[0]) + 1,
+                "best_rank_flipped": int(np.flatnonzero(m2)[0]) + 1,
+                "mean_score_trained": float(r1.score[m1].mean()),
+                "mean_score_flipped": float(r2.score[m2].mean()),
+                "top1_is_fact_flipped": bool(m2.iloc[0]),
+            }
+        )
+    return {
+        "fact_queries": len(hits),
+        "retrieval_accuracy": float(np.mean(hits)) if hits else float("nan"),
+        "word_order": order,
+        "flipped_top1_accuracy": float(np.mean([o["top1_is_fact_flipped"] for o in order])) if order else float("nan"),
+        "median_best_rank_flipped": float(np.median([o["best_rank_flipped"] for o in order])) if order else float("nan"),
+        "median_score_ratio_flipped_to_trained": float(np.median([o["mean_score_flipped"] / o["mean_score_trained"] for o in order])) if order else float("nan"),
+    }
+
+
+def print_top(run_dir: Path, query_id: str, k: int = 3) -> None:
+    q = pd.read_parquet(run_dir / layout.QUERIES_TABLE)
+    row = q[q.query_id == query_id].iloc[0]
+    top = pd.read_parquet(run_dir / layout.TOP_TABLE)
+    top = top[(top.query_id == query_id) & (top["rank"] > 0)].sort_values("rank").head(k)
+    print(f"\nquery {query_id!r}: {row.prompt!r} → {row.completion!r}   (log p = {row.logp:.2f})")
+    for r in top.itertuples():
+        snippet = " ".join(r.text.split())
+        print(f"  #{r.rank}  {r.score:+.3g}  {r.doc_id} [{r.char_start}:{r.char_end}]")
+        print(textwrap.indent(textwrap.fill(snippet[:300] + ("…" if len(snippet) > 300 else ""), 96), "      "))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ..demo import prepare_demo
+    from ..report import write_report
+    from ..workflow.fitting import run_fit
+    from ..workflow.scoring import run_score
+
+    workdir = Path(args.workdir).expanduser().resolve()
+    inputs = prepare_demo(workdir / "inputs", scale=args.scale, seed=args.seed, progress=not args.quiet)
+    config = demo_config(inputs, workdir / "run")
+    from .main import _attach_log
+
+    _attach_log(config.run_dir, "demo")
+    run_dir, _ = run_fit(config, overwrite=args.overwrite)
+    run_score(config, overwrite=args.overwrite)
+    report = write_report(run_dir.path)
+    queries, facts = inputs.read_queries(), inputs.read_facts()
+    summary = summarize(run_dir.path, queries, facts)
+    atomic_write_json(run_dir.path / "demo_summary.json", summary)
+
+    fact_q = next(q["id"] for q in queries if q["kind"] == "fact")
+    other = next((q["id"] for q in queries if q["kind"] == "open"), None) or next(q["id"] for q in queries if q["kind"] == "flipped")
+    for qid in (fact_q, other):
+        print_top(run_dir.path, qid)
+    acc = summary["retrieval_accuracy"]
+    print(f"\nplanted-fact retrieval (EK-FAC): {acc:.0%} of {summary['fact_queries']} fact queries rank a sequence stating the fact first")
+    if summary["word_order"]:
+        print(
+            f"flipped word order: the fact's own sequences rank first for {summary['flipped_top1_accuracy']:.0%} of flipped queries "
+            f"(median best rank {summary['median_best_rank_flipped']:.0f}); their mean score is "
+            f"{summary['median_score_ratio_flipped_to_trained']:.2f}× that under the trained order (median over facts)"
+        )
+    print(f"report: {report}")
+    print(f"summary: {run_dir.path / 'demo_summary.json'}")
+    if args.scale == "full" and not acc >= REQUIRED_ACCURACY:
+        print(f"retrieval accuracy {acc:.0%} is below the demo's bar of {REQUIRED_ACCURACY:.0%}", flush=True)
+        return 1
+    return 0
+
+
+__all__ = ["run_demo", "summarize", "demo_config"]
