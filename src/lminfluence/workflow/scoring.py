@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ScoreConfig
 from ..corpus.readers import InputError, Query, read_queries
@@ -127,6 +128,7 @@ def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, s, p
     groups = [np.arange(Q)] if s.rank is not None else _groups(Q, s.query_batch_size)
     out = np.zeros((Q, len(union)), dtype=np.float64)
     cfg = _score_config(s, s.rank)
+    overall = tqdm(total=len(groups) * len(union), desc="scan (all chunks)", unit="seq", disable=None)
     for g, qs in enumerate(groups):
         chunks = [(c, union[c : c + s.chunk_size]) for c in range(0, len(union), s.chunk_size)]
         todo = [(c, idx) for c, idx in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
@@ -140,6 +142,8 @@ def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, s, p
                 block = score_preconditioned(model, factors, pq, store.subset(idx), cfg, task=task).total.double().numpy()
                 partial.save_npy(name, block)
             out[qs, c : c + len(idx)] = block
+            overall.update(len(idx))
+    overall.close()
     return out
 
 
