@@ -217,3 +217,18 @@ def test_console_script(inputs, tmp_path):
     out = subprocess.run([str(exe), "fit", "--model", str(inputs["model"]), "--corpus", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 2
     assert "nope.jsonl does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lissa_through_the_cli(inputs, tmp_path, capsys):
+    """LiSSA factors get their training data back from the run; a divergent scale is an error, not numbers."""
+    run = tmp_path / "run"
+    base = fit_args(inputs, run) + ["--strategy", "lissa", "--lissa-depth", "30", "--lissa-batch-size", "16"]
+    assert main(base) == 0
+    assert main(["score", "-o", str(run), "--queries", str(inputs["queries"]), "--top", "3", "--damping", "1.0", "-q"]) == 0
+    top = pd.read_parquet(run / layout.TOP_TABLE)
+    assert len(top) > 0 and np.isfinite(top.score).all()
+    bad = tmp_path / "bad"
+    assert main(fit_args(inputs, bad) + ["--strategy", "lissa", "--lissa-scale", "1e6", "--lissa-depth", "30"]) == 0
+    assert main(["score", "-o", str(bad), "--queries", str(inputs["queries"]), "--damping", "1.0", "-q"]) == 1
+    assert "lissa" in capsys.readouterr().err.lower()
+    assert not (bad / layout.QUERIES_TABLE).exists()

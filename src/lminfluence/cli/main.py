@@ -23,7 +23,18 @@ logger = logging.getLogger("lminfluence")
 
 MODEL_FLAGS = {"model": "path", "gguf_file": "gguf_file", "tokenizer": "tokenizer", "dtype": "dtype", "device": "device"}
 CORPUS_FLAGS = {"corpus": "path", "text_field": "text_field", "id_field": "id_field", "max_length": "max_length"}
-FIT_FLAGS = {"strategy": "strategy", "fisher": "fisher", "modules": "modules", "seed": "seed", "fit_batch_size": "batch_size", "cache_gib": "cache_gib"}
+FIT_FLAGS = {
+    "strategy": "strategy",
+    "fisher": "fisher",
+    "modules": "modules",
+    "seed": "seed",
+    "fit_batch_size": "batch_size",
+    "cache_gib": "cache_gib",
+    "lissa_scale": "lissa_scale",
+    "lissa_depth": "lissa_depth",
+    "lissa_repeats": "lissa_repeats",
+    "lissa_batch_size": "lissa_batch_size",
+}
 SCORE_FLAGS = {
     "queries": "queries",
     "candidates": "candidates",
@@ -79,12 +90,16 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-field", help="field/column holding the document id (default id)")
     g.add_argument("--max-length", type=int, help="tokens per training sequence (default 512)")
     g = p.add_argument_group("fit")
-    g.add_argument("--strategy", help="ekfac (default), kfac, diagonal, identity")
+    g.add_argument("--strategy", help="ekfac (default), kfac, diagonal, identity, lissa")
     g.add_argument("--fisher", choices=("sampled", "empirical"))
     g.add_argument("--modules", help="comma-separated presets (mlp, attention) or globs over module names")
     g.add_argument("--seed", type=int)
     g.add_argument("--fit-batch-size", type=int, help="sequences per pass when fitting (default 8)")
     g.add_argument("--cache-gib", type=float, help="memory for replaying EK-FAC's first pass (default 4; 0 = off)")
+    g.add_argument("--lissa-scale", type=float, help="LiSSA's α (default: from a power iteration)")
+    g.add_argument("--lissa-depth", type=int, help="LiSSA recursion steps (default 1000)")
+    g.add_argument("--lissa-repeats", type=int, help="independent LiSSA recursions averaged (default 1)")
+    g.add_argument("--lissa-batch-size", type=int, help="sequences per Gauss–Newton-vector product (default 8)")
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
@@ -220,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"lminfluence {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ArithmeticError as e:  # e.g. LiSSA's divergence: numbers we refuse to return
+        print(f"lminfluence {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lminfluence {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -58,6 +58,7 @@ import math
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
@@ -140,8 +141,10 @@ class GaussNewtonProduct:
         for n, info in self.layers.items():
             for key, t in wbar_to_params(n, info, v[n]).items():
                 tangents[key] = t.to(self.params[key].dtype)
-        out, pull = vjp(outputs, self.params)
-        jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(tangents)  # [Q, *out]: J v
+        # fused attention kernels have no forward-mode derivative; the math kernel is the same function
+        with sdpa_kernel([SDPBackend.MATH]):
+            out, pull = vjp(outputs, self.params)
+            jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(tangents)  # [Q, *out]: J v
         _, hessian = vjp(grad(loss), out)  # H_out is symmetric: its vjp is H_out u (reverse-over-reverse)
         (hjv,) = vmap(hessian)(jv)  # [Q, *out]: H_out J v
         (back,) = vmap(pull)(hjv)  # Jᵀ H_out J v, per parameter [Q, ...]

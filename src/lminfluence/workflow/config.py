@@ -87,6 +87,10 @@ class FitSection(_Section):
     seed: int = 0
     batch_size: int = 8
     cache_gib: float = 4.0
+    lissa_scale: float | None = None
+    lissa_depth: int = 1000
+    lissa_repeats: int = 1
+    lissa_batch_size: int = 8
 
     def __post_init__(self) -> None:
         _check_choice("fit.strategy", self.strategy, STRATEGIES)

@@ -23,7 +23,29 @@ logger = logging.getLogger(__name__)
 
 def factor_config(config: RunConfig) -> FactorConfig:
     f = config.fit
-    return FactorConfig(strategy=f.strategy, fisher=f.fisher, modules=f.modules, seed=f.seed)
+    try:
+        return FactorConfig(
+            strategy=f.strategy,
+            fisher=f.fisher,
+            modules=f.modules,
+            seed=f.seed,
+            lissa_scale=f.lissa_scale,
+            lissa_depth=f.lissa_depth,
+            lissa_repeats=f.lissa_repeats,
+            lissa_batch_size=f.lissa_batch_size,
+        )
+    except ValueError as e:
+        raise InputError(f"fit: {e}") from e
+
+
+def load_run_factors(rd: RunDir, model, store: SequenceStore) -> Factors:
+    """The run's factors, verified against the model; LiSSA gets its training data back."""
+    factors = load_factors(rd / layout.FACTORS_DIR, model)
+    if factors.strategy == "lissa":
+        from ..curvature.lissa import attach_data
+
+        attach_data(factors, store)
+    return factors
 
 
 def check_modules(model, patterns) -> dict:
@@ -44,6 +66,7 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     check_pairing(model, tokenizer, config.corpus.max_length)
+    factor_config(config)  # validates the combination before anything is written
     modules = check_modules(model, config.fit.modules)
     saved = rd.saved_config()
     same_corpus = (
@@ -81,7 +104,7 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
     factors_dir = rd / layout.FACTORS_DIR
     if rd.finished("fit") and (factors_dir / layout.MANIFEST_FILE).is_file():
         logger.info("reusing the factors in %s", factors_dir)
-        return rd, load_factors(factors_dir, model)
+        return rd, load_run_factors(rd, model, store)
     t0 = time.perf_counter()
     factors = fit_factors(
         model,
@@ -106,4 +129,4 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
     return rd, factors
 
 
-__all__ = ["run_fit", "factor_config", "check_modules"]
+__all__ = ["run_fit", "factor_config", "check_modules", "load_run_factors"]

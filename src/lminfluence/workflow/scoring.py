@@ -31,9 +31,9 @@ from ..filtering.tfidf import TfidfIndex
 from ..scoring.pairwise import precondition_queries, score_preconditioned
 from ..storage import layout
 from ..storage.atomic import atomic_write, atomic_write_json
-from ..storage.factors import load_factors
 from ..task.causal_lm import CausalLMTask, examples_from_pairs
 from .config import RunConfig
+from .fitting import load_run_factors
 from .model import context_length, load_model, load_tokenizer
 from .rundir import RunDir, now
 
@@ -275,8 +275,8 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     queries = read_queries(s.queries)  # before the model: cheap checks first
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
-    factors = load_factors(rd / layout.FACTORS_DIR, model)
     store = SequenceStore.load(rd.path)
+    factors = load_run_factors(rd, model, store)
     examples = query_examples(tokenizer, queries, model)
     rd.prepare("score", config, overwrite=overwrite)
 
