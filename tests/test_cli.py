@@ -232,3 +232,26 @@ def test_lissa_through_the_cli(inputs, tmp_path, capsys):
     assert main(["score", "-o", str(bad), "--queries", str(inputs["queries"]), "--damping", "1.0", "-q"]) == 1
     assert "lissa" in capsys.readouterr().err.lower()
     assert not (bad / layout.QUERIES_TABLE).exists()
+
+
+def test_yaml_config_with_flag_overrides(inputs, tmp_path):
+    """Options come from --config; a flag beats the file; the resolved config is saved with absolute paths."""
+    import yaml
+
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "from-yaml"),
+                "model": {"path": str(inputs["model"])},
+                "corpus": {"path": str(inputs["corpus"]), "max_length": 24},
+                "fit": {"strategy": "ekfac", "batch_size": 4},
+            }
+        )
+    )
+    assert main(["fit", "--config", str(cfg), "--strategy", "kfac", "-q"]) == 0
+    saved = yaml.safe_load((tmp_path / "from-yaml" / layout.RUN_CONFIG).read_text())
+    assert saved["fit"]["strategy"] == "kfac" and saved["fit"]["batch_size"] == 4
+    assert saved["corpus"]["max_length"] == 24 and Path(saved["corpus"]["path"]).is_absolute()
+    assert pd.read_parquet(tmp_path / "from-yaml" / layout.SEQUENCES_FILE).num_tokens.max() == 24
+    assert json.loads((tmp_path / "from-yaml" / layout.FACTORS_DIR / layout.MANIFEST_FILE).read_text())["strategy"] == "kfac"
