@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+import lminfluence as li
 from lminfluence.evaluation import PBRFConfig, PBRFConvergenceError, bregman_divergence, pbrf_influence
 from lminfluence.task import CausalLMTask
 from lminfluence.task.base import Task
@@ -146,23 +147,28 @@ def test_bregman_divergence_is_the_kl_and_half_squared_error():
 
 def test_pbrf_resumes_from_its_output_directory(tmp_path):
     """Finished points are written as they finish and skipped by a later call with the same
-    settings; other settings in the same directory are refused."""
+    settings; other settings in the same directory are refused. For small ε the values are the
+    library's scores of the same linear model (sign and scale of METHOD.md §1)."""
     torch.manual_seed(0)
-    model = nn.Linear(3, 1).double()
+    model = nn.Sequential(nn.Linear(3, 1)).double()
     data = regression_data(10, 3)
     queries = regression_data(2, 3, seed=9)
     task = ScalarRegressionTask()
-    cfg = PBRFConfig(epsilon=0.01, points_per_batch=2, tol=1e-5)
-    first = pbrf_influence(model, data, queries, [0, 1], cfg, damping=0.1, task=task, output_dir=tmp_path)
+    cfg = PBRFConfig(epsilon=1e-4, points_per_batch=2, tol=1e-5)
+    first = pbrf_influence(model, data, queries, [0, 1], cfg, damping={"0": 0.1}, modules=["0"], task=task, output_dir=tmp_path)
     assert first.computed == [0, 1]
+    factors = li.fit_factors(model, data, li.FactorConfig(strategy="kfac", modules=["0"]), task=task)
+    scores = li.compute_scores(model, factors, queries, data, li.ScoreConfig(damping=0.1), task=task)
+    # tolerance: tol = 1e-5 on the gradient norm and O(ε) from the difference (measured 4e-4 of 0.9)
+    allclose_report(first.influence, scores.total[:, :2], rtol=1e-3, atol=1e-4, what="PBRF vs library scores")
     assert json.loads((tmp_path / "points" / "1.json").read_text())["converged"]
-    second = pbrf_influence(model, data, queries, [1, 2, 0], cfg, damping=0.1, task=task, output_dir=tmp_path)
+    second = pbrf_influence(model, data, queries, [1, 2, 0], cfg, damping={"0": 0.1}, modules=["0"], task=task, output_dir=tmp_path)
     assert second.computed == [2]
     torch.testing.assert_close(second.influence[:, [2, 0]], first.influence, rtol=0, atol=0)
-    fresh = pbrf_influence(model, data, queries, [2], cfg, damping=0.1, task=task)
+    fresh = pbrf_influence(model, data, queries, [2], cfg, damping={"0": 0.1}, modules=["0"], task=task)
     torch.testing.assert_close(second.influence[:, 1], fresh.influence[:, 0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
-        pbrf_influence(model, data, queries, [0], PBRFConfig(epsilon=0.02), damping=0.1, task=task, output_dir=tmp_path)
+        pbrf_influence(model, data, queries, [0], PBRFConfig(epsilon=0.02), damping={"0": 0.1}, modules=["0"], task=task, output_dir=tmp_path)
 
 
 def test_pbrf_reports_points_that_do_not_converge(tmp_path):
