@@ -18,6 +18,11 @@ def _norm(tree: Params) -> torch.Tensor:
     return torch.sqrt(sum(t.reshape(t.shape[0], -1).double().square().sum(1) for t in tree.values()))  # type: ignore[arg-type]
 
 
+def _where(mask: torch.Tensor, a: Params, b: Params) -> Params:
+    """Per run (the leading axis), a where ``mask`` [K] else b."""
+    return {k: torch.where(mask.reshape((-1,) + (1,) * (a[k].dim() - 1)), a[k], b[k]) for k in a}
+
+
 class _Adam:
     """Adam with one learning rate, step count and restart per run (the leading axis K)."""
 
@@ -57,10 +62,11 @@ def solve(obj: Any, z, signs, loss_zs, cfg: Any) -> tuple[Params, torch.Tensor, 
     ``obj`` gives θ_s (``theta``), λ per parameter (``lam``) and ``value_and_grad``; ``cfg`` is a PBRFConfig.
 
     A run whose objective has not reached a new low for ``patience`` steps, or its gradient norm
-    for 3 × ``patience`` steps, halves its learning rate and restarts Adam's moments (their memory
-    of the early, large gradients would otherwise shrink every later step). The objective is
-    tracked by the trapezoid rule on the gradients, J(δ') - J(δ) ≈ ½(g + g')·(δ' - δ), exact on
-    quadratics and free of the cancellation that makes J itself imprecise for small ε.
+    for 3 × ``patience`` steps, halves its learning rate, goes back to its best point so far (when
+    it has left it) and restarts Adam's moments (their memory of the early, large gradients would otherwise shrink
+    every later step): a learning rate far too large costs a few halvings, not a divergence. The
+    objective is tracked by the trapezoid rule on the gradients, J(δ') - J(δ) ≈ ½(g + g')·(δ' - δ),
+    exact on quadratics and free of the cancellation that makes J itself imprecise for small ε.
     """
     K = signs.shape[0]
     delta = {k: torch.zeros((K,) + t.shape, dtype=t.dtype, device=t.device) for k, t in obj.theta.items()}
@@ -83,6 +89,7 @@ def solve(obj: Any, z, signs, loss_zs, cfg: Any) -> tuple[Params, torch.Tensor, 
     stall = torch.zeros_like(steps)
     g_stall = torch.zeros_like(steps)
     g_best = g0.clone()
+    best_delta, best_grads = dict(delta), dict(grads)  # the point of the lowest objective, per run
     for _ in range(cfg.max_steps):
         if not active.any():
             break
@@ -98,6 +105,7 @@ def solve(obj: Any, z, signs, loss_zs, cfg: Any) -> tuple[Params, torch.Tensor, 
         improved = progress < best
         best = torch.where(improved, progress, best)
         stall = torch.where(improved, torch.zeros_like(stall), stall + 1)
+        best_delta, best_grads = _where(improved, delta, best_delta), _where(improved, grads, best_grads)
         gnorm = _norm(grads)
         g_improved = gnorm < g_best
         g_best = torch.where(g_improved, gnorm, g_best)
@@ -107,8 +115,13 @@ def solve(obj: Any, z, signs, loss_zs, cfg: Any) -> tuple[Params, torch.Tensor, 
             lr = torch.where(halve, lr / 2, lr)
             stall = torch.where(halve, torch.zeros_like(stall), stall)
             g_stall = torch.where(halve, torch.zeros_like(g_stall), g_stall)
-            g_best = torch.where(halve, gnorm, g_best)
             adam.reset(halve)
+            back = halve & (progress > best)  # the objective went up since its best point: return there
+            delta, grads = _where(back, best_delta, delta), _where(back, best_grads, grads)
+            progress = torch.where(back, best, progress)
+            gnorm = _norm(grads)
+            rel = torch.where(halve, gnorm / g0, rel)
+            g_best = torch.where(halve, gnorm, g_best)
     return delta, rel <= cfg.tol, steps.cpu(), rel.cpu()
 
 
