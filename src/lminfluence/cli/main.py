@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="lminfluence-demo", help="where the demo builds its data, model and run (default ./lminfluence-demo)")
     p.add_argument("--scale", choices=("full", "tiny"), default="full", help="tiny: a seconds-long smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="recompute the run (the data and model are reused when they match)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run made with other settings in WORKDIR/run (the data and model are rebuilt only when their settings change)")
     p.add_argument("--quiet", "-q", action="store_true")
     return parser
 
