@@ -198,7 +198,26 @@ def test_pbrf_recovers_from_a_far_too_large_learning_rate():
     data = classification_data(12)
     queries = classification_data(2, seed=7)
     task = ClassificationTask()
-    fast = pbrf_influence(model, data, queries, [0, 1], PBRFConfig(lr=100.0, max_steps=700), damping=0.05, task=task)
-    normal = pbrf_influence(model, data, queries, [0, 1], PBRFConfig(), damping=0.05, task=task)
+    fast = pbrf_influence(model, data, queries, [0], PBRFConfig(lr=100.0, max_steps=700), damping=0.05, task=task)
+    normal = pbrf_influence(model, data, queries, [0], PBRFConfig(), damping=0.05, task=task)
     assert fast.converged.all()
     allclose_report(fast.influence, normal.influence, rtol=1e-5, atol=1e-5, what="lr = 100 vs automatic")
+
+
+def test_pbrf_runs_on_padded_gpt2_batches_with_sdpa_attention():
+    """Points of different lengths are optimised together on a Hugging Face model whose SDPA mask
+    code branches on the padding mask: the same numbers as with eager attention (20 steps)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from helpers import random_queries, random_sequences
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(config).double().eval()
+    train, queries = random_sequences(3), random_queries(2)
+    cfg = PBRFConfig(max_steps=20, strict=False)
+    sdpa = pbrf_influence(model, train, queries, [0, 1], cfg, damping=1.0, modules=("mlp",))
+    model.config._attn_implementation = "eager"
+    eager = pbrf_influence(model, train, queries, [0, 1], cfg, damping=1.0, modules=("mlp",))
+    assert (sdpa.steps == 20).all() and torch.isfinite(sdpa.influence).all()
+    torch.testing.assert_close(sdpa.influence, eager.influence, rtol=1e-9, atol=1e-12)

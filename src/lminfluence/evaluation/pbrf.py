@@ -246,9 +246,11 @@ class _Objective:
             d = _bregman_from(self.task, h, batch, h_s, loss_s, g_s)
         return d.sum() / (self.num_train * self.eps**2)
 
-    def _z_term(self, delta: Params, z: dict[str, torch.Tensor], sign: torch.Tensor, loss_zs: torch.Tensor) -> torch.Tensor:
-        z1 = {k: v.unsqueeze(0) for k, v in z.items()}
-        loss = self.task.loss(self.outputs(delta, z1), z1)[0]
+    def _z_term(self, delta: Params, pick: torch.Tensor, z: dict[str, torch.Tensor], sign: torch.Tensor, loss_zs: torch.Tensor) -> torch.Tensor:
+        # Every run sees the whole (unbatched) batch of the K examples and keeps its own through the
+        # one-hot ``pick``: vmapping the batch itself would put a batched attention mask through
+        # the model, whose data-dependent checks (Hugging Face's SDPA masks) vmap cannot follow.
+        loss = (self.task.loss(self.outputs(delta, z), z) * pick).sum()
         return sign * (loss - loss_zs) / self.eps
 
     def z_losses(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -258,13 +260,15 @@ class _Objective:
 
     def value_and_grad(self, delta: Params, z, signs, loss_zs) -> tuple[torch.Tensor, Params]:
         """J and ∇_δ J for every run, [K] and {name: [K, ...]}."""
-        def first(delta, z, sign, loss_zs, batch, *ref):  # the z term rides along with the first chunk
-            return self._z_term(delta, z, sign, loss_zs) + self._bregman(delta, batch, *ref)
+        def first(delta, pick, sign, loss_zs, z, batch, *ref):  # the z term rides along with the first chunk
+            return self._z_term(delta, pick, z, sign, loss_zs) + self._bregman(delta, batch, *ref)
+
+        pick = torch.eye(signs.shape[0], dtype=signs.dtype, device=signs.device)  # [K, K]
 
         for i, batch in enumerate(self.chunks):
             ref = self._refs[i] if self._refs is not None else self._reference(batch)
             if i == 0:
-                g, v = vmap(grad_and_value(first), in_dims=(0, 0, 0, 0) + (None,) * 4)(delta, z, signs, loss_zs, batch, *ref)
+                g, v = vmap(grad_and_value(first), in_dims=(0, 0, 0, 0) + (None,) * 5)(delta, pick, signs, loss_zs, z, batch, *ref)
                 value, grads = v, g
             else:
                 g, v = vmap(grad_and_value(self._bregman), in_dims=(0,) + (None,) * 4)(delta, batch, *ref)
