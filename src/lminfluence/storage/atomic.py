@@ -38,4 +38,15 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
+def atomic_write_npz(path: str | Path, array: Any = None, **arrays: Any) -> Path:
+    """One array as .npy, or named arrays as .npz (numpy's formats, whatever the file name)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array) if array is not None else np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_write_npz"]

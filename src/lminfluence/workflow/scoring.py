@@ -30,7 +30,7 @@ from ..corpus.sequences import SequenceStore
 from ..filtering.tfidf import TfidfIndex
 from ..scoring.pairwise import precondition_queries, score_preconditioned
 from ..storage import layout
-from ..storage.atomic import atomic_write, atomic_write_json
+from ..storage.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ..task.causal_lm import CausalLMTask, examples_from_pairs
 from .config import RunConfig
 from .fitting import load_run_factors
@@ -87,21 +87,11 @@ class Partial:
         return self.root / name
 
     def save_npy(self, name: str, array: np.ndarray) -> None:
-        save_npz(self.path(name), array)
+        atomic_write_npz(self.path(name), array)
 
     def load_npy(self, name: str) -> np.ndarray | None:
         p = self.path(name)
         return np.load(p) if p.is_file() else None
-
-
-def save_npz(path: Path, array: np.ndarray | None = None, **arrays: np.ndarray) -> None:
-    """One array as .npy, or named arrays as .npz, written atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array) if array is not None else np.savez(f, **arrays)
-
-    atomic_write(path, write)
 
 
 def _score_config(s, rank: int | None, *, details: bool = False) -> ScoreConfig:
@@ -180,7 +170,7 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
                 pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task)
                 idx = np.unique(np.concatenate([np.concatenate(_ends(first[q], s.rescore_top)) for q in qs]))
                 block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task).total.double().numpy()
-                save_npz(saved, idx=idx, scores=block)
+                atomic_write_npz(saved, idx=idx, scores=block)
             for j, q in enumerate(qs):
                 keep = np.isfinite(first[q, idx])  # this query's candidates only
                 final[q, idx[keep]] = block[j, keep]
@@ -203,7 +193,7 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
                     "layers": np.asarray(list(sc.per_layer)),  # type: ignore[arg-type]
                     "per_layer": np.stack([v[0].double().numpy() for v in sc.per_layer.values()]),  # type: ignore[union-attr]
                 }
-                save_npz(partial.path(name), **arrays)
+                atomic_write_npz(partial.path(name), **arrays)
             with np.load(partial.path(name)) as z:
                 shown.append(
                     Shown(
