@@ -1,0 +1,128 @@
+"""A diagnostic reference: the exact damped Gauss–Newton influence, by conjugate gradients.
+
+    I(z) = -∇fᵀ (G + λI)⁻¹ ∇L(z)
+
+with G the full Gauss–Newton Hessian of the mean training loss over the
+tracked layers (all blocks coupled, no Kronecker or diagonal approximation).
+To first order in ε this is what the PBRF measures (METHOD.md §8), so it
+tells the two possible sources of a disagreement apart: an estimator far from
+this reference is a poor approximation of G; a PBRF far from it is not
+converged (or ε is too large for the first-order regime).
+
+One conjugate-gradient solve per query, on full-batch Gauss–Newton-vector
+products (the library's ``GaussNewtonProduct``, the same products LiSSA uses);
+the preconditioned queries are then scored against every training point by the
+library's own scoring path.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import lminfluence as li
+from lminfluence.curvature.lissa import GaussNewtonProduct
+from lminfluence.curvature.math import sequence_gradients
+from lminfluence.passes import run_pass, tracking
+from lminfluence.scoring.contract import LayerQueries
+from lminfluence.scoring.pairwise import score_preconditioned
+
+from .study import Setup
+
+Vec = dict[str, torch.Tensor]  # layer name -> [Q, O, I]
+
+
+def _dot(x: Vec, y: Vec) -> torch.Tensor:
+    return sum((x[n] * y[n]).sum((1, 2)) for n in x)  # type: ignore[return-value]
+
+
+def conjugate_gradients(apply, b: Vec, max_iter: int, tol: float) -> tuple[Vec, int, float]:
+    """Solve A x = b for Q right-hand sides at once (A symmetric positive definite).
+
+    Returns x, the iterations run and the largest final ‖r‖ / ‖b‖.
+    """
+    x = {n: torch.zeros_like(t) for n, t in b.items()}
+    r = {n: t.clone() for n, t in b.items()}
+    p = {n: t.clone() for n, t in b.items()}
+    rr = _dot(r, r)
+    b_norm = rr.sqrt().clamp_min(torch.finfo(rr.dtype).tiny)
+    it = 0
+    for it in range(1, max_iter + 1):
+        ap = apply(p)
+        alpha = rr / _dot(p, ap)
+        for n in x:
+            shape = (-1, 1, 1)
+            x[n] += alpha.view(shape) * p[n]
+            r[n] -= alpha.view(shape) * ap[n]
+        rr_new = _dot(r, r)
+        if float((rr_new.sqrt() / b_norm).max()) <= tol:
+            rr = rr_new
+            break
+        beta = rr_new / rr
+        rr = rr_new
+        for n in p:
+            p[n] = r[n] + beta.view(-1, 1, 1) * p[n]
+    return x, it, float((rr.sqrt() / b_norm).max())
+
+
+def exact_influence(setup: Setup, damping: float, max_iter: int = 500, tol: float = 1e-8) -> dict:
+    """Exact damped-GN scores [Q, N] of every training point, with the solve's diagnostics."""
+    start = time.perf_counter()
+    model, task = setup.model, setup.task
+    factors = li.fit_factors(model, setup.train, li.FactorConfig(strategy="identity", modules=setup.modules), task=task)
+    modules = {n: m for n, m in model.named_modules() if n in factors.layers}
+    with tracking(model, modules) as col:  # ∇g = -∇f per query, as W̄ [Q, O, I]
+        caps = next(run_pass(model, task, col, setup.queries, len(setup.queries), "measurement")).captures
+        grads = {n: sequence_gradients(c.a, c.ds).double() for n, c in caps.items()}
+    gnvp = GaussNewtonProduct(model, task, factors.layers)
+    batch = task.collate(setup.train)
+    size = len(setup.train)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+
+            def apply(v: Vec) -> Vec:
+                gv = gnvp(batch, size, v)
+                return {n: gv[n] + damping * v[n] for n in v}
+
+            solved, iters, residual = conjugate_gradients(apply, grads, max_iter, tol)
+    finally:
+        model.train(was_training)
+    pq = {n: LayerQueries(dense=solved[n].to(grads[n].dtype)) for n in solved}
+    cfg = li.ScoreConfig(damping=damping, train_batch_size=setup.batch_size)
+    scores = score_preconditioned(model, factors, pq, setup.train, cfg, task=task)
+    return {
+        "scores": scores.total.double(),
+        "iterations": iters,
+        "residual": residual,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def max_eigenvalue(setup: Setup, iters: int = 30) -> float:
+    """The largest eigenvalue of the full-batch G over the tracked layers, by power iteration."""
+    model, task = setup.model, setup.task
+    factors = li.fit_factors(model, setup.train, li.FactorConfig(strategy="identity", modules=setup.modules), task=task)
+    gnvp = GaussNewtonProduct(model, task, factors.layers)
+    batch = task.collate(setup.train)
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(1, i.out_dim, i.in_dim, generator=g, dtype=torch.float64) for n, i in factors.layers.items()}
+    value = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(iters):
+                norm = float(_dot(x, x).sqrt())
+                x = {n: t / norm for n, t in x.items()}
+                gx = gnvp(batch, len(setup.train), x)
+                value = float(_dot(x, gx))
+                x = gx
+    finally:
+        model.train(was_training)
+    return value
+
+
+__all__ = ["exact_influence", "conjugate_gradients", "max_eigenvalue"]
