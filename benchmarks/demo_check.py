@@ -72,9 +72,26 @@ def evaluate(scores: torch.Tensor, queries: list[dict], facts: dict[str, dict], 
     }
 
 
+def paper_word_order(model, factors, tokenizer, queries: list[dict], examples: list[dict], facts: dict[str, dict]) -> dict:
+    """The paper's word-order test (§5.3.2): score each fact's statement, written as a new
+    sequence in the trained order and in the flipped order, against the fact's trained-order
+    query. Same query, so the two scores are on one scale; the paper finds the flipped one near zero."""
+    ids = [f for f in facts]
+    seqs = [{"input_ids": tokenizer(facts[f]["statement"] + ".")["input_ids"]} for f in ids]
+    seqs += [{"input_ids": tokenizer(facts[f]["flipped_statement"] + ".")["input_ids"]} for f in ids]
+    rows = [next(k for k, q in enumerate(queries) if q["kind"] == "fact" and q["fact_id"] == f) for f in ids]
+    s = li.compute_scores(model, factors, [examples[k] for k in rows], seqs, li.ScoreConfig(train_batch_size=BATCH)).total
+    trained = torch.stack([s[i, i] for i in range(len(ids))])
+    flipped = torch.stack([s[i, len(ids) + i] for i in range(len(ids))])
+    return {
+        "paper_ratio_flipped_over_trained": float((flipped / trained).median()),
+        "paper_flipped_below_trained": float((flipped < trained).double().mean()),
+    }
+
+
 def check_seed(seed: int, workdir: Path, strategies: list[str]) -> dict:
     t0 = time.perf_counter()
-    demo = prepare_demo(workdir / f"seed{seed}", scale="full", seed=seed)
+    demo = prepare_demo(workdir / f"seed{seed}", scale="full", seed=seed, progress=False)
     build_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(demo.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(demo.model_dir)
@@ -93,6 +110,7 @@ def check_seed(seed: int, workdir: Path, strategies: list[str]) -> dict:
         t3 = time.perf_counter()
         res = evaluate(scores.total, queries, facts, doc_of)
         res.update(fit_s=t2 - t1, score_s=t3 - t2)
+        res.update(paper_word_order(model, factors, tokenizer, queries, examples, facts))
         if strategy == "ekfac":
             res["open_top3"] = {
                 q["id"]: [doc_of[int(i)] for i in torch.argsort(scores.total[k], descending=True)[:3]]
@@ -123,6 +141,8 @@ def main() -> None:
                 f"flipped {s['mean_rank_flipped']:.1f}  flipped top-1 {s['flipped_top1']:.0%}  "
                 f"share of positive influence: trained {s['share_trained']:.1%}, flipped {s['share_flipped']:.1%}  "
                 f"score ratio flipped/trained (median) {s['score_ratio_flipped_over_trained']:.3f}  "
+                f"paper test: flipped/trained sequence {s['paper_ratio_flipped_over_trained']:.3f} "
+                f"(flipped lower for {s['paper_flipped_below_trained']:.0%})  "
                 f"fit {s['fit_s']:.0f} s, score {s['score_s']:.0f} s"
             )
         for qid, top in r["ekfac"].get("open_top3", {}).items():

@@ -4,8 +4,8 @@ Ordinary documents are the English reference topics of ``pydoc_data`` (one
 document per topic; hard-wrapped prose is unwrapped, indented grammar and
 code blocks are kept) and a fixed list of standard-library modules (one
 document per file). Each planted-fact document is one prose paragraph taken
-out of a pydoc topic with the fact's sentence put between two of its
-sentences, so it reads like the text around it; when its topic is in the
+out of a pydoc topic with the fact's sentence put before, between or after
+its sentences (first in a fact's first document), so it reads like the text around it; when its topic is in the
 corpus, the paragraph is taken out of it, so no text appears twice.
 """
 
@@ -161,7 +161,9 @@ def build_corpus(
             k += 1
             sentences = _sentences(topics[name][i])
             assert sentences is not None  # slots only hold prose paragraphs
-            at = rng.randint(1, len(sentences) - 1)  # between two sentences, never first or last
+            # the first document opens with the fact, so that the model also knows it at the
+            # start of a sequence, where a query puts it; the others have it anywhere
+            at = 0 if j == 0 else rng.randint(0, len(sentences))
             text = " ".join(sentences[:at] + [fact.statement + "."] + sentences[at:])
             doc_id = f"planted/{fact.id}/{j}"
             planted.append(Document(id=doc_id, text=text))
@@ -204,19 +206,18 @@ def fit_planted(docs: list[Document], facts: list[Fact], n_tokens: Callable[[str
 def open_queries(docs: list[Document]) -> list[dict]:
     """Open-ended queries on the pydoc text: 'The "for" statement is used' → ' to iterate over ...'.
 
-    One per statement keyword whose topic is in the corpus and has such a
-    sentence; the completion is the rest of the sentence's first clause (at
-    most 12 words). Paragraphs holding these sentences are never lent to facts.
+    One per statement keyword of ``_OPEN_KEYWORDS`` whose sentence is in a pydoc
+    document of the corpus; the completion is the rest of the sentence's first
+    clause (at most 12 words). Paragraphs holding these sentences are never lent to facts.
     """
-    texts = {d.id: d.text for d in docs}
-    rows = []
-    for keyword in _OPEN_KEYWORDS:
-        for p in texts.get(f"pydoc/{keyword}", "").split("\n\n"):
+    found: dict[str, dict] = {}
+    for doc in docs:
+        if not doc.id.startswith("pydoc/"):
+            continue
+        for p in doc.text.split("\n\n"):
             m = _OPEN.match(p)
-            if m and m.group(2) == keyword:
-                rows.append({"id": f"open-{keyword}", "prompt": m.group(1), "completion": m.group(3), "kind": "open", "fact_id": None})
-                break
-    return rows
-
+            if m and m.group(2) in _OPEN_KEYWORDS and m.group(2) not in found:
+                found[m.group(2)] = {"id": f"open-{m.group(2)}", "prompt": m.group(1), "completion": m.group(3), "kind": "open", "fact_id": None}
+    return [found[k] for k in _OPEN_KEYWORDS if k in found]
 
 __all__ = ["Document", "STDLIB_MODULES", "pydoc_topics", "stdlib_documents", "real_words", "build_corpus", "fit_planted", "open_queries"]

@@ -64,11 +64,13 @@ SCALES: dict[str, DemoScale] = {
     "full": DemoScale(
         n_facts=24,
         docs_per_fact=(3, 5),
-        pydoc_chars=300_000,
-        stdlib_chars=60_000,
-        vocab_size=4096,
+        pydoc_chars=120_000,
+        stdlib_chars=20_000,
+        vocab_size=2048,
         max_length=128,
-        train=TrainSettings(n_layer=4, n_embd=128, n_head=4, epochs=8, batch_size=16, lr=3e-3),
+        # ~390 sequences, 22 epochs of 8-sequence steps: the name is the greedy completion
+        # for ≥ 95% of facts (seeds 0-2), in about 2.5 minutes on 2 CPU cores
+        train=TrainSettings(n_layer=4, n_embd=128, n_head=4, epochs=22, batch_size=8, lr=2e-3),
     ),
     "tiny": DemoScale(
         n_facts=3,
