@@ -134,7 +134,10 @@ def build_corpus(
         size = sum(len(p) for p in topics[name])
         if total + size > pydoc_chars:
             break
-        if topics[name] in chosen.values():  # pydoc has aliases ("else" is "if")
+        alias = next((n for n, paras in chosen.items() if paras == topics[name]), None)
+        if alias is not None:  # pydoc has aliases ("else" is "if"): keep the name its title quotes
+            if f'"{name}"' in topics[name][0]:
+                chosen[name] = chosen.pop(alias)
             continue
         chosen[name] = list(topics[name])
         total += size

@@ -69,7 +69,7 @@ SCALES: dict[str, DemoScale] = {
         vocab_size=2048,
         max_length=128,
         # ~390 sequences, 22 epochs of 8-sequence steps: the name is the greedy completion
-        # for ≥ 95% of facts (seeds 0-2), in about 2.5 minutes on 2 CPU cores
+        # for 96-100% of facts (seeds 0-2) in about 3 minutes on 2 CPU cores (benchmarks/demo_check.py)
         train=TrainSettings(n_layer=4, n_embd=128, n_head=4, epochs=22, batch_size=8, lr=2e-3),
     ),
     "tiny": DemoScale(
