@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..storage import layout
 from ..storage.atomic import atomic_write_json
+from ..workflow.rundir import RunDir
 from ..workflow.config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreSection
 
 REQUIRED_ACCURACY = 0.9  # the issue's acceptance bar for the full-scale demo
@@ -64,10 +65,10 @@ def summarize(run_dir: Path, queries: list[dict], facts: list[dict]) -> dict:
         order.append(
             {
                 "fact": fact_id,
-                "best_rank_trained": int(np.flatnonzero(m1)[0]) + 1,
-                "best_rank_flipped": int(np.flatnonzero(m2)[0]) + 1,
-                "mean_score_trained": float(r1.score[m1].mean()),
-                "mean_score_flipped": float(r2.score[m2].mean()),
+                "mean_rank_trained": float(np.flatnonzero(m1).mean()) + 1,
+                "mean_rank_flipped": float(np.flatnonzero(m2).mean()) + 1,
+                "positive_share_trained": _positive_share(r1.score, m1),
+                "positive_share_flipped": _positive_share(r2.score, m2),
                 "top1_is_fact_flipped": bool(m2.iloc[0]),
             }
         )
@@ -76,9 +77,38 @@ def summarize(run_dir: Path, queries: list[dict], facts: list[dict]) -> dict:
         "retrieval_accuracy": float(np.mean(hits)) if hits else float("nan"),
         "word_order": order,
         "flipped_top1_accuracy": float(np.mean([o["top1_is_fact_flipped"] for o in order])) if order else float("nan"),
-        "median_best_rank_flipped": float(np.median([o["best_rank_flipped"] for o in order])) if order else float("nan"),
-        "median_score_ratio_flipped_to_trained": float(np.median([o["mean_score_flipped"] / o["mean_score_trained"] for o in order])) if order else float("nan"),
     }
+
+
+def _positive_share(scores: pd.Series, mine: pd.Series) -> float:
+    """The fact's sequences' share of all positive influence on a query."""
+    pos = scores.clip(lower=0)
+    return float(pos[mine].sum() / pos.sum()) if pos.sum() > 0 else 0.0
+
+
+def same_query_word_order(run_dir: Path, config: RunConfig, queries: list[dict], facts: list[dict]) -> list[dict]:
+    """The paper's word-order test: score each fact's statement and its flipped statement, as new
+    sequences, against the trained-order query, so both scores are on one query's scale."""
+    from ..corpus.readers import Document
+    from ..corpus.sequences import SequenceStore
+    from ..scoring.pairwise import compute_scores
+    from ..workflow.fitting import load_run_factors
+    from ..workflow.model import load_model, load_tokenizer
+    from ..workflow.scoring import query_examples
+    from ..corpus.readers import Query
+
+    trained = {q["fact_id"]: q for q in queries if q["kind"] == "fact"}
+    facts = [f for f in facts if f["id"] in trained]
+    if not facts:
+        return []
+    tokenizer, model = load_tokenizer(config.model), load_model(config.model)
+    store = SequenceStore.load(run_dir)
+    factors = load_run_factors(RunDir(run_dir), model, store)
+    docs = [Document(f"{f['id']}/{k}", f[k]) for f in facts for k in ("statement", "flipped_statement")]
+    pairs = SequenceStore.build(docs, tokenizer, config.corpus.max_length, progress=False)
+    qs = [Query(trained[f["id"]]["id"], trained[f["id"]]["prompt"], trained[f["id"]]["completion"]) for f in facts]
+    scores = compute_scores(model, factors, query_examples(tokenizer, qs, model), list(pairs)).total.double().numpy()
+    return [{"fact": f["id"], "statement": float(scores[i, 2 * i]), "flipped_statement": float(scores[i, 2 * i + 1])} for i, f in enumerate(facts)]
 
 
 def print_top(run_dir: Path, query_id: str, k: int = 3) -> None:
@@ -110,6 +140,12 @@ def run_demo(args: argparse.Namespace) -> int:
     report = write_report(run_dir.path)
     queries, facts = inputs.read_queries(), inputs.read_facts()
     summary = summarize(run_dir.path, queries, facts)
+    pairs = same_query_word_order(run_dir.path, config, queries, facts)
+    summary["same_query_word_order"] = pairs
+    if pairs:
+        ratios = [p["flipped_statement"] / p["statement"] for p in pairs if p["statement"] > 0]
+        summary["median_flipped_to_trained_ratio"] = float(np.median(ratios)) if ratios else float("nan")
+        summary["flipped_lower_share"] = float(np.mean([p["flipped_statement"] < p["statement"] for p in pairs]))
     atomic_write_json(run_dir.path / "demo_summary.json", summary)
 
     fact_q = next(q["id"] for q in queries if q["kind"] == "fact")
@@ -119,10 +155,18 @@ def run_demo(args: argparse.Namespace) -> int:
     acc = summary["retrieval_accuracy"]
     print(f"\nplanted-fact retrieval (EK-FAC): {acc:.0%} of {summary['fact_queries']} fact queries rank a sequence stating the fact first")
     if summary["word_order"]:
+        wo = summary["word_order"]
         print(
-            f"flipped word order: the fact's own sequences rank first for {summary['flipped_top1_accuracy']:.0%} of flipped queries "
-            f"(median best rank {summary['median_best_rank_flipped']:.0f}); their mean score is "
-            f"{summary['median_score_ratio_flipped_to_trained']:.2f}× that under the trained order (median over facts)"
+            "flipped word order (query 'NAME was' → the subject): the fact's sequences' mean rank goes from "
+            f"{np.mean([o['mean_rank_trained'] for o in wo]):.1f} to {np.mean([o['mean_rank_flipped'] for o in wo]):.1f}, "
+            f"their share of positive influence from {np.mean([o['positive_share_trained'] for o in wo]):.0%} "
+            f"to {np.mean([o['positive_share_flipped'] for o in wo]):.0%}"
+        )
+    if summary.get("same_query_word_order"):
+        print(
+            "same query, statement in the flipped order as a new sequence: it scores a median "
+            f"{summary['median_flipped_to_trained_ratio']:.2f}× the trained-order statement, lower for "
+            f"{summary['flipped_lower_share']:.0%} of facts"
         )
     print(f"report: {report}")
     print(f"summary: {run_dir.path / 'demo_summary.json'}")
