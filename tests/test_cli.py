@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cli_fixture import make_inputs
 
 from lminfluence import CausalLMTask, ScoreConfig, compute_scores, examples_from_pairs, load_factors
 from lminfluence.cli.main import main
@@ -27,11 +26,6 @@ RTOL = 2e-4
 
 def fit_args(inputs, run):
     return ["fit", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--max-length", "32", "-o", str(run), "-q"]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_fixture import corpus_texts, make_inputs, train_tokenizer, write_jsonl
+from cli_fixture import corpus_texts, train_tokenizer, write_jsonl
 from test_cli import fit_args, snapshot
 
 from lminfluence.cli.main import main
 from lminfluence.corpus import read_documents, read_queries
 from lminfluence.storage import layout
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")
