@@ -16,8 +16,8 @@ import pandas as pd
 
 from ..storage import layout
 from ..storage.atomic import atomic_write_json
-from ..workflow.rundir import RunDir
 from ..workflow.config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreSection
+from ..workflow.rundir import RunDir
 
 REQUIRED_ACCURACY = 0.9  # the issue's acceptance bar for the full-scale demo
 
@@ -89,13 +89,12 @@ def _positive_share(scores: pd.Series, mine: pd.Series) -> float:
 def same_query_word_order(run_dir: Path, config: RunConfig, queries: list[dict], facts: list[dict]) -> list[dict]:
     """The paper's word-order test: score each fact's statement and its flipped statement, as new
     sequences, against the trained-order query, so both scores are on one query's scale."""
-    from ..corpus.readers import Document
+    from ..corpus.readers import Document, Query
     from ..corpus.sequences import SequenceStore
     from ..scoring.pairwise import compute_scores
     from ..workflow.fitting import load_run_factors
     from ..workflow.model import load_model, load_tokenizer
     from ..workflow.scoring import query_examples
-    from ..corpus.readers import Query
 
     trained = {q["fact_id"]: q for q in queries if q["kind"] == "fact"}
     facts = [f for f in facts if f["id"] in trained]
