@@ -249,3 +249,77 @@ def test_yaml_config_with_flag_overrides(inputs, tmp_path):
     assert saved["corpus"]["max_length"] == 24 and Path(saved["corpus"]["path"]).is_absolute()
     assert pd.read_parquet(tmp_path / "from-yaml" / layout.SEQUENCES_FILE).num_tokens.max() == 24
     assert json.loads((tmp_path / "from-yaml" / layout.FACTORS_DIR / layout.MANIFEST_FILE).read_text())["strategy"] == "kfac"
+
+
+def test_changed_options_are_a_new_scoring(inputs, run, tmp_path):
+    """`run` again with other score options recomputes; scores never go stale behind an unchanged file."""
+    other = tmp_path / "r"
+    base = ["run", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--max-length", "32", "--queries", str(inputs["queries"]), "-o", str(other), "-q"]
+    assert main(base + ["--top", "4"]) == 0
+    assert (pd.read_parquet(other / layout.TOP_TABLE)["rank"] > 0).sum() == 12
+    assert main(base + ["--top", "2"]) == 2  # finished scores with other settings: refused ...
+    assert main(base + ["--top", "2", "--overwrite"]) == 0  # ... unless asked
+    assert (pd.read_parquet(other / layout.TOP_TABLE)["rank"] > 0).sum() == 6
+
+
+def test_score_options_precedence(inputs, run, tmp_path):
+    """Flags beat --config beat defaults; options of an earlier scoring are not carried into a new one."""
+    import yaml
+
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    args = ["score", "-o", str(other), "-q", "--overwrite"]
+    assert main(args + ["--queries", str(inputs["queries"]), "--rank", "4", "--damping", "0.5"]) == 0
+    assert main(args + ["--damping-scale", "0.2"]) == 0  # queries fall back to the saved file
+    score = yaml.safe_load((other / layout.RUN_CONFIG).read_text())["score"]
+    assert score["damping"] is None and score["damping_scale"] == 0.2 and score["rank"] is None
+    assert score["queries"] == str(inputs["queries"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"score": {"top": 3, "rank": 2}}))
+    assert main(args + ["--config", str(cfg), "--rank", "3"]) == 0
+    score = yaml.safe_load((other / layout.RUN_CONFIG).read_text())["score"]
+    assert (score["top"], score["rank"]) == (3, 3)
+    before = snapshot(other / layout.SCORES_DIR)
+    assert main(["score", "-o", str(other), "-q"]) == 0  # bare re-run: the saved settings, up to date
+    assert snapshot(other / layout.SCORES_DIR) == before
+
+
+def test_shown_sequences_do_not_depend_on_query_grouping(inputs, run, tmp_path):
+    """Each query's re-scored set is its own top and bottom M, whatever queries share its group."""
+    tops = []
+    for qbs in ("1", "3"):
+        other = tmp_path / qbs
+        shutil.copytree(run, other)
+        assert main(["score", "-o", str(other), "--queries", str(inputs["queries"]), "--rank", "1", "--rescore-top", "3", "--top", "3", "--query-batch-size", qbs, "--overwrite", "-q"]) == 0
+        tops.append(pd.read_parquet(other / layout.TOP_TABLE))
+    assert tops[0].seq_index.tolist() == tops[1].seq_index.tolist()
+    np.testing.assert_allclose(tops[0].score, tops[1].score, rtol=1e-5)
+
+
+def test_input_edited_in_place_is_another_run(inputs, tmp_path, capsys):
+    """A corpus file changed on disk is noticed; --overwrite re-tokenizes and refits."""
+    corpus = tmp_path / "c.jsonl"
+    shutil.copy(inputs["corpus"], corpus)
+    run = tmp_path / "run"
+    args = fit_args(inputs, run)
+    args[args.index("--corpus") + 1] = str(corpus)
+    assert main(args) == 0
+    n = len(pd.read_parquet(run / layout.SEQUENCES_FILE))
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"id": "new", "text": "a brand new document about the river and the park " * 3}) + "\n")
+    before = snapshot(run)
+    assert main(args) == 2
+    assert "corpus changed on disk" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert main(args + ["--overwrite"]) == 0
+    assert len(pd.read_parquet(run / layout.SEQUENCES_FILE)) > n
+
+
+def test_main_leaves_no_handlers_behind(inputs, run):
+    import logging
+
+    handlers = list(logging.getLogger("lminfluence").handlers)
+    assert main(["report", "-o", str(run), "-q"]) == 0
+    assert main(["report", "-o", str(run), "-q"]) == 0
+    assert logging.getLogger("lminfluence").handlers == handlers
+    assert (run / layout.LOG_DIR / "report.log").is_file()

@@ -71,6 +71,8 @@ def test_unreadable_corpus(inputs, tmp_path, capsys):
 def test_empty_corpus(inputs, tmp_path, capsys):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"id": "a", "text": "   "}, {"id": "b", "text": ""}])
     refuses(with_corpus(inputs, tmp_path / "run", empty), capsys, "no non-empty documents", untouched=tmp_path / "run")
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": "a", "text": "a"}, {"id": "b", "text": "b"}])
+    refuses(with_corpus(inputs, tmp_path / "run", short), capsys, "no sequence of at least 2 tokens", untouched=tmp_path / "run")
     (tmp_path / "emptydir").mkdir()
     refuses(with_corpus(inputs, tmp_path / "run", tmp_path / "emptydir"), capsys, "has no files", untouched=tmp_path / "run")
 
@@ -96,6 +98,12 @@ def test_bad_config_values(inputs, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {path: x}\ncorpus: {path: y}\nfit: {stratgy: ekfac}\n")
     refuses(["fit", "--config", str(cfg), "-o", str(tmp_path / "run")], capsys, "unknown key(s) stratgy", untouched=tmp_path / "run")
+    cfg.write_text("model: just-a-string\n")
+    refuses(["fit", "--config", str(cfg), "-o", str(tmp_path / "run")], capsys, "section 'model' must be a mapping", untouched=tmp_path / "run")
+    refuses(fit_args(inputs, tmp_path / "run") + ["--device", "cuda:0"], capsys, "no CUDA device", untouched=tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "-o", str(tmp_path), "--top", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_bad_queries(inputs, fitted, tmp_path, capsys):
@@ -120,6 +128,11 @@ def test_directory_holding_another_run(inputs, fitted, tmp_path, capsys):
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     refuses(fit_args(inputs, stranger), capsys, "not an lminfluence run directory", untouched=stranger)
+    folder = tmp_path / "corpus"  # a skipped .csv logs a warning before the refusal: still no log file
+    folder.mkdir()
+    (folder / "a.txt").write_text("the cat sat on the mat")
+    (folder / "b.csv").write_text("x,y")
+    refuses(with_corpus(inputs, stranger, folder), capsys, "not an lminfluence run directory", untouched=stranger)
 
 
 def test_corpus_formats_read_alike(tmp_path):

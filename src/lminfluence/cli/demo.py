@@ -134,8 +134,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from .main import _attach_log
 
     _attach_log(config.run_dir, "demo")
-    run_dir, _ = run_fit(config, overwrite=args.overwrite)
-    run_score(config, overwrite=args.overwrite)
+    # the run belongs to the demo: when its inputs were rebuilt (another seed or scale), it is redone
+    from ..workflow.fitting import model_stamp
+    from ..workflow.rundir import file_stamp
+
+    recorded = (RunDir(config.run_dir).manifest().get("inputs") or {}).get("fit")
+    rebuilt = recorded is not None and recorded != {"corpus": file_stamp(config.corpus.path), "model": model_stamp(config.model)}
+    run_dir, _ = run_fit(config, overwrite=args.overwrite or rebuilt, progress=not args.quiet)
+    run_score(config, overwrite=args.overwrite or rebuilt, progress=not args.quiet)
     report = write_report(run_dir.path)
     queries, facts = inputs.read_queries(), inputs.read_facts()
     summary = summarize(run_dir.path, queries, facts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,19 +52,24 @@ SCORE_FLAGS = {
 
 
 class DeferredFileHandler(logging.Handler):
-    """Logs into RUN/logs/<command>.log, holding records back until the run directory exists."""
+    """Logs into RUN/logs/<command>.log, holding records back until the run directory passed its checks.
 
-    def __init__(self, run_dir: Path, command: str) -> None:
+    It opens once a record marked ``run_dir_ready`` arrives (``RunDir.prepare`` logs one), so
+    a command refused for bad input leaves no log behind in somebody's directory.
+    """
+
+    def __init__(self, run_dir: Path, command: str, *, ready: bool = False) -> None:
         super().__init__()
         self.path = run_dir / layout.LOG_DIR / f"{command}.log"
-        self.run_dir = run_dir
+        self.ready = ready
         self.pending: list[logging.LogRecord] = []
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         self.pending.append(record)
-        if self.run_dir.is_dir():
-            self.path.parent.mkdir(exist_ok=True)
+        self.ready = self.ready or bool(getattr(record, "run_dir_ready", False))
+        if self.ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 for r in self.pending:
                     f.write(self.format(r) + "\n")
@@ -73,7 +79,7 @@ class DeferredFileHandler(logging.Handler):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with sections run_dir, model, corpus, fit, score (flags override it)")
     p.add_argument("--run-dir", "-o", dest="run_dir", help="the run directory (created if missing)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of a different run in --run-dir")
+    p.add_argument("--overwrite", action="store_true", help="recompute this stage, replacing what --run-dir holds (needed when it holds a different run)")
     p.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
 
 
@@ -117,6 +123,13 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-matrix", action="store_true", default=None, help="also write every scored pair (matrix.parquet)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lminfluence", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(p)
     p = sub.add_parser("report", help="write the HTML report of a scored run")
     p.add_argument("--run-dir", "-o", dest="run_dir", required=True)
-    p.add_argument("--top", type=int, default=10, help="sequences shown per query (default 10)")
+    p.add_argument("--top", type=_positive, default=10, help="sequences shown per query (default 10)")
     p.add_argument("--output", help="HTML file to write (default RUN/report/index.html)")
     p.add_argument("--quiet", "-q", action="store_true")
     p = sub.add_parser("run", help="fit, score and report in one go (e.g. replay a saved config.yaml)")
@@ -139,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="lminfluence-demo", help="where the demo builds its data, model and run (default ./lminfluence-demo)")
     p.add_argument("--scale", choices=("full", "tiny"), default="full", help="tiny: a seconds-long smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a run made with other settings in WORKDIR/run (the data and model are rebuilt only when their settings change)")
+    p.add_argument("--overwrite", action="store_true", help="recompute the run in WORKDIR/run (the data and model are rebuilt only when their settings change)")
     p.add_argument("--quiet", "-q", action="store_true")
     return parser
 
@@ -149,47 +162,61 @@ def _section(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
 
 
 def resolve(args: argparse.Namespace, sections: tuple[str, ...]) -> RunConfig:
-    """defaults < the run directory's saved config (score) < --config < flags."""
+    """defaults < --config < flags; `score` takes model, corpus and fit from the run directory.
+
+    Score settings come from --config and flags over the defaults; only a bare
+    `lminfluence score -o RUN` (no score flag, no score section) repeats the saved ones,
+    and a missing --queries falls back to the saved queries file.
+    """
     from_file = read_yaml(args.config) if args.config else {}
+    for name in ("model", "corpus", "fit", "score"):
+        if name in from_file and not isinstance(from_file[name], dict):
+            raise InputError(f"{args.config}: section {name!r} must be a mapping of options, got {type(from_file[name]).__name__}")
     run_dir = args.run_dir or from_file.get("run_dir")
     if not run_dir:
         raise InputError("give --run-dir (or run_dir in --config)")
-    base: dict[str, Any] = {}
-    if "fit" not in sections:  # score reuses what fit saved
+    data: dict[str, Any] = {k: v for k, v in from_file.items() if k in sections or (k in ("model", "corpus", "fit") and "fit" in sections)}
+    if "fit" in sections:
+        data = merge(data, {"model": _section(args, MODEL_FLAGS), "corpus": _section(args, CORPUS_FLAGS), "fit": _section(args, FIT_FLAGS)})
+    else:  # score reuses what fit saved
         saved = RunDir(run_dir).saved_config()
         if saved is None:
             raise InputError(f"{run_dir} is not a run directory (no {layout.RUN_CONFIG}); run `lminfluence fit` first")
-        base = {k: v for k, v in saved.items() if k in ("model", "corpus", "fit")}
-        if args.config and "score" in from_file:
-            base["score"] = from_file["score"]
-        elif "score" in saved:
-            base["score"] = saved["score"]
-        from_file = {k: v for k, v in from_file.items() if k == "score"}
-    flags: dict[str, Any] = {"run_dir": args.run_dir}
-    if "fit" in sections:
-        flags |= {"model": _section(args, MODEL_FLAGS), "corpus": _section(args, CORPUS_FLAGS), "fit": _section(args, FIT_FLAGS)}
+        data.update({k: v for k, v in saved.items() if k in ("model", "corpus", "fit")})
     if "score" in sections:
-        flags["score"] = _section(args, SCORE_FLAGS)
-        if flags["score"].get("damping") is not None:
-            flags["score"]["damping_scale"] = None
-    data = merge(merge(base, from_file), flags)
-    if "score" not in sections:
-        data.pop("score", None)
-    elif not data.get("score"):
-        raise InputError("give --queries (or a score section in --config)")
+        flags = _section(args, SCORE_FLAGS)
+        if "damping" in flags:  # one damping wins over the other, whichever layer set it
+            flags["damping_scale"] = None
+        elif "damping_scale" in flags:
+            flags["damping"] = None
+        given = dict(from_file.get("score") or {})
+        saved_score = (RunDir(run_dir).saved_config() or {}).get("score") if "fit" not in sections else None
+        if not given and not flags and saved_score:
+            score = dict(saved_score)
+        else:
+            score = {**given, **flags}
+            if not score.get("queries") and saved_score:
+                score["queries"] = saved_score.get("queries")
+        if not score.get("queries"):
+            raise InputError("give --queries (or a score section in --config)")
+        data["score"] = score
     return RunConfig.from_dict({"run_dir": run_dir, **{k: v for k, v in data.items() if k != "run_dir"}})
 
 
 def _setup_logging(quiet: bool) -> None:
+    import os
+
     logger.setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+    if quiet:  # progress bars too (ours and the libraries' tqdm bars)
+        os.environ["TQDM_DISABLE"] = "1"
 
 
-def _attach_log(run_dir: str, command: str) -> None:
-    logger.addHandler(DeferredFileHandler(Path(run_dir).expanduser().resolve(), command))
+def _attach_log(run_dir: str, command: str, *, ready: bool = False) -> None:
+    logger.addHandler(DeferredFileHandler(Path(run_dir).expanduser().resolve(), command, ready=ready))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -199,17 +226,17 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "fit":
         config = resolve(args, ("fit",))
         _attach_log(config.run_dir, "fit")
-        run_fit(config, overwrite=args.overwrite)
+        run_fit(config, overwrite=args.overwrite, progress=not args.quiet)
         print(f"factors: {Path(config.run_dir) / layout.FACTORS_DIR}")
     elif args.command == "score":
         config = resolve(args, ("score",))
         _attach_log(config.run_dir, "score")
-        run_score(config, overwrite=args.overwrite)
+        run_score(config, overwrite=args.overwrite, progress=not args.quiet)
         print(f"scores: {Path(config.run_dir) / layout.SCORES_DIR}")
     elif args.command == "report":
         from ..report import write_report
 
-        _attach_log(args.run_dir, "report")
+        _attach_log(args.run_dir, "report", ready=(Path(args.run_dir) / layout.RUN_CONFIG).is_file())
         path = write_report(args.run_dir, output=args.output, top=args.top)
         print(f"report: {path}")
     elif args.command == "run":
@@ -229,6 +256,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = list(logger.handlers)
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
     _setup_logging(args.quiet)
     try:
         return run_command(args)
@@ -241,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lminfluence {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:  # leave the process as it was (tests and notebooks call main() many times)
+        for h in [h for h in logger.handlers if h not in handlers]:
+            logger.removeHandler(h)
+            h.close()
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..storage.factors import load_factors
 from ..task.causal_lm import CausalLMTask
 from .config import RunConfig, ScoreSection
 from .model import check_pairing, load_model, load_tokenizer
-from .rundir import RunDir, now, versions
+from .rundir import RunDir, file_stamp, now, versions
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,24 @@ def factor_config(config: RunConfig) -> FactorConfig:
 
 def load_run_factors(rd: RunDir, model, store: SequenceStore) -> Factors:
     """The run's factors, verified against the model; LiSSA gets its training data back."""
-    factors = load_factors(rd / layout.FACTORS_DIR, model)
+    try:
+        factors = load_factors(rd / layout.FACTORS_DIR, model)
+    except ValueError as e:
+        raise InputError(f"{e} (the model changed since `lminfluence fit`: run it again with --overwrite)") from e
     if factors.strategy == "lissa":
         from ..curvature.lissa import attach_data
 
         attach_data(factors, store)
     return factors
+
+
+def model_stamp(section) -> str:
+    """Stamp of the model's files (weights, config, tokenizer), to notice a model replaced in place."""
+    path = Path(section.path)
+    files = [path / section.gguf_file] if section.gguf_file else [f for f in path.iterdir() if f.is_file()]
+    if section.tokenizer:
+        files.append(Path(section.tokenizer))
+    return file_stamp(*files)
 
 
 def check_modules(model, patterns) -> dict:
@@ -56,9 +69,9 @@ def check_modules(model, patterns) -> dict:
 
 
 def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[RunDir, Factors]:
-    """Tokenize the corpus and fit the factors; a finished stage is reused, not redone.
+    """Tokenize the corpus and fit the factors; a finished stage of the same run is reused, not redone.
 
-    Every input is checked before the run directory is touched.
+    Every input is checked (and the corpus tokenized) before the run directory is touched.
     """
     rd = RunDir(config.run_dir)
     if not Path(config.corpus.path).exists():
@@ -68,25 +81,32 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
     check_pairing(model, tokenizer, config.corpus.max_length)
     factor_config(config)  # validates the combination before anything is written
     modules = check_modules(model, config.fit.modules)
+    inputs = {"corpus": file_stamp(config.corpus.path), "model": model_stamp(config.model)}
     saved = rd.saved_config()
-    same_corpus = (
-        saved is not None
+    reuse = (
+        not overwrite
+        and saved is not None
         and all(saved.get(k) == v for k, v in config.to_dict().items() if k in ("model", "corpus"))
+        and (rd.manifest().get("inputs") or {}).get("fit") == inputs
         and SequenceStore.exists(rd.path)
     )
-    documents = None if same_corpus else read_documents(config.corpus.path, text_field=config.corpus.text_field, id_field=config.corpus.id_field)
-    if config.score is None and saved is not None and saved.get("score") and not overwrite:
-        config = RunConfig(config.run_dir, config.model, config.corpus, config.fit, ScoreSection.from_dict(saved["score"], "saved score"))
-    rd.prepare("fit", config, overwrite=overwrite)
-
-    if documents is not None or not SequenceStore.exists(rd.path):
-        if documents is None:
-            documents = read_documents(config.corpus.path, text_field=config.corpus.text_field, id_field=config.corpus.id_field)
+    store = None
+    if not reuse:
+        documents = read_documents(config.corpus.path, text_field=config.corpus.text_field, id_field=config.corpus.id_field)
         t0 = time.perf_counter()
         store = SequenceStore.build(documents, tokenizer, config.corpus.max_length, progress=progress)
+        seconds = time.perf_counter() - t0
+    # the fit stage saves its own sections; the score section stays what the last scoring used (the score stage checks it)
+    kept = ScoreSection.from_dict(saved["score"], "saved score") if saved and saved.get("score") and not overwrite else None
+    rd.prepare("fit", RunConfig(config.run_dir, config.model, config.corpus, config.fit, kept), overwrite=overwrite, inputs=inputs)
+
+    if store is not None:
         store.save(rd.path)
-        logger.info("tokenized %d documents into %d sequences (%d tokens) in %.1fs", len(documents), len(store), int(store.offsets[-1]), time.perf_counter() - t0)
-        rd.update_manifest(
+        logger.info("tokenized %d documents into %d sequences (%d tokens) in %.1fs", len(documents), len(store), int(store.offsets[-1]), seconds)
+        manifest = rd.manifest()
+        for stale in ("fit", "score", "report"):  # a new corpus invalidates what was computed on the old one
+            manifest.pop(stale, None)
+        manifest.update(
             versions=versions(),
             corpus={
                 "path": config.corpus.path,
@@ -97,6 +117,10 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
                 "max_length": config.corpus.max_length,
             },
         )
+        rd.write_manifest(manifest)
+        for rel in (layout.FACTORS_DIR, layout.SCORES_DIR, layout.REPORT_DIR, layout.TFIDF_FILE):
+            target = rd / rel
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     else:
         store = SequenceStore.load(rd.path)
         logger.info("reusing the tokenized corpus in %s (%d sequences)", rd / layout.CORPUS_DIR, len(store))

@@ -21,9 +21,12 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise InputError(f"model.device={device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"model.device={device!r}, but this machine has no CUDA device (use --device cpu)")
+    return dev
 
 
 def _check_model_path(section: ModelSection) -> None:

@@ -45,11 +45,13 @@ class RunDir:
             raise InputError(f"{self.path} is not a run directory (no {layout.RUN_CONFIG}); run `lminfluence fit` first")
         return RunConfig.from_dict(data, str(self / layout.RUN_CONFIG))
 
-    def prepare(self, stage: str, config: RunConfig, *, overwrite: bool) -> None:
+    def prepare(self, stage: str, config: RunConfig, *, overwrite: bool, inputs: dict[str, Any] | None = None) -> None:
         """Refuse to mix two runs in one directory; with ``overwrite``, clear what the stage rewrites.
 
-        A directory that already holds this stage's inputs with the same
-        sections is resumed; other sections mean another run.
+        A run is its config sections plus ``inputs``, stamps of the files read
+        (so a corpus or model edited in place is another run). The same run is
+        resumed; another one is refused unless ``overwrite``, which always
+        clears this stage's results (and the later stages').
         """
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"run directory {self.path} is a file")
@@ -65,25 +67,30 @@ class RunDir:
                 for key, value in (new.get(section) or {}).items()
                 if (saved.get(section) or {}).get(key) != value
             ]
-            if stage == "score" and "score" not in saved:
-                diffs = [d for d in diffs if not d.startswith("score.")]
-            if diffs:
-                if not overwrite:
-                    raise InputError(
-                        f"{self.path} already holds a different run ({'; '.join(diffs[:4])}); "
-                        "choose another --run-dir, or pass --overwrite to replace its results"
-                    )
+            if stage == "score" and not self.finished("score"):
+                diffs = [d for d in diffs if not d.startswith("score.")]  # unfinished scores are keyed and resumed or discarded
+            recorded = (self.manifest().get("inputs") or {}).get(stage)
+            if inputs is not None and recorded is not None:
+                diffs += [f"{name} changed on disk" for name, stamp in inputs.items() if recorded.get(name) != stamp]
+            if diffs and not overwrite:
+                raise InputError(
+                    f"{self.path} already holds a different run ({'; '.join(diffs[:4])}); "
+                    "choose another --run-dir, or pass --overwrite to replace its results"
+                )
+            if overwrite:
                 for rel in STAGE_OUTPUTS[stage]:
                     shutil.rmtree(self / rel, ignore_errors=True)
                 manifest = self.manifest()
-                for key in ("fit", "score", "report") if stage == "fit" else ("score", "report"):
+                for key in ("fit", "score", "report", "corpus", "inputs") if stage == "fit" else ("score", "report"):
                     manifest.pop(key, None)
-                if stage == "fit":
-                    manifest.pop("corpus", None)
-                self._write_manifest(manifest)
+                self.write_manifest(manifest)
                 logger.info("--overwrite: cleared the previous %s results in %s", stage, self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self / layout.RUN_CONFIG, dump_yaml(config))
+        if inputs is not None:
+            recorded_all = self.manifest().get("inputs") or {}
+            self.update_manifest(inputs={**recorded_all, stage: inputs})
+        logger.info("run directory %s ready for %s", self.path, stage, extra={"run_dir_ready": True})
 
     # ---- manifest ----
     def manifest(self) -> dict[str, Any]:
@@ -92,25 +99,32 @@ class RunDir:
         p = self / layout.RUN_MANIFEST
         return json.loads(p.read_text()) if p.is_file() else {"format_version": layout.FORMAT_VERSION}
 
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
         if self.path.is_dir():
             atomic_write_json(self / layout.RUN_MANIFEST, manifest)
 
     def update_manifest(self, **entries: Any) -> dict[str, Any]:
         manifest = self.manifest()
         manifest.update(entries)
-        self._write_manifest(manifest)
+        self.write_manifest(manifest)
         return manifest
 
     def finished(self, stage: str) -> bool:
         return stage in self.manifest()
 
-    # ---- logs ----
-    def log_handler(self, command: str) -> logging.Handler:
-        (self / layout.LOG_DIR).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self / layout.LOG_DIR / f"{command}.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        return handler
+
+def file_stamp(*paths: str | Path) -> str:
+    """A digest of the names, sizes and modification times of the files at ``paths`` (folders: every file below)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
@@ -122,4 +136,4 @@ def versions() -> dict[str, str]:
     return {"lminfluence": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-__all__ = ["RunDir", "now", "versions"]
+__all__ = ["RunDir", "now", "versions", "file_stamp"]

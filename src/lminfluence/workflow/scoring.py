@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 class Shown:
     """The sequences shown for one query with their details."""
 
-    indices: np.ndarray  # [n] sequence indices, best first, then the most negative
+    indices: np.ndarray  # [n] columns of the scanned union, best first, then the most negative
     ranks: np.ndarray  # [n] 1..k for the top, -1..-k for the bottom
     total: np.ndarray  # [n]
     per_layer: dict[str, np.ndarray]  # layer → [n]
@@ -52,7 +52,10 @@ class Shown:
 
 
 def query_examples(tokenizer: Any, queries: Sequence[Query], model) -> list[dict]:
-    examples = examples_from_pairs(tokenizer, [(q.prompt, q.completion) for q in queries])
+    try:
+        examples = examples_from_pairs(tokenizer, [(q.prompt, q.completion) for q in queries])
+    except ValueError as e:
+        raise InputError(f"queries: {e}") from e
     ctx = context_length(model)
     for q, ex in zip(queries, examples):
         n = len(ex["input_ids"])
@@ -172,7 +175,8 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
                 block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task).total.double().numpy()
                 atomic_write_npz(saved, idx=idx, scores=block)
             for j, q in enumerate(qs):
-                keep = np.isfinite(first[q, idx])  # this query's candidates only
+                # this query's own ends only: the group's union must not change what is shown
+                keep = np.isin(idx, np.concatenate(_ends(first[q], s.rescore_top)))
                 final[q, idx[keep]] = block[j, keep]
                 choice[q] = np.nan
                 choice[q, idx[keep]] = block[j, keep]
@@ -258,30 +262,30 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
         raise InputError(f"{rd.path} has no fitted factors; run `lminfluence fit` first")
     if s.rescore_top is not None and s.rescore_top < s.top:
         raise InputError(f"--rescore-top ({s.rescore_top}) must be at least --top ({s.top}): the shown sequences come from the re-scored ones")
-    saved = rd.saved_config() or {}
-    if not overwrite and rd.finished("score") and saved.get("score") == s.to_dict() and (rd / layout.QUERIES_TABLE).is_file():
-        logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
-        return rd
     queries = read_queries(s.queries)  # before the model: cheap checks first
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     store = SequenceStore.load(rd.path)
     factors = load_run_factors(rd, model, store)
     examples = query_examples(tokenizer, queries, model)
+    # everything the results depend on: a finished run with this key is up to date, partial chunks with it are reused
+    key = _digest(s.to_dict(), factors.fingerprint, store.digest(), [list(map(int, e["input_ids"])) for e in examples], [list(map(int, e["labels"])) for e in examples])
+    if not overwrite and (rd.manifest().get("score") or {}).get("key") == key and (rd / layout.QUERIES_TABLE).is_file():
+        logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
+        return rd
     rd.prepare("score", config, overwrite=overwrite)
 
     task = CausalLMTask()
     t0 = time.perf_counter()
     union, tfidf, mask = candidates(rd, store, examples, s.candidates)
-    key = _digest(s.to_dict(), factors.fingerprint, store.digest(), [list(map(int, e["input_ids"])) for e in examples], [list(map(int, e["labels"])) for e in examples], union)
     partial = Partial(rd / layout.PARTIAL_DIR, key)
     first = scan(model, factors, examples, store, union, s, partial, task)
     first[~mask] = np.nan  # each query keeps its own candidates
-    final, shown = refine(model, factors, examples, store, union, first, s, partial, task)
+    _, shown = refine(model, factors, examples, store, union, first, s, partial, task)
     logp = log_probs(model, examples, task, s.query_batch_size)
     from .tables import write_tables
 
-    write_tables(rd.path, queries, logp, first, final, shown, tfidf, union, store, tokenizer, s.save_matrix)
+    write_tables(rd.path, queries, logp, first, shown, tfidf, union, store, tokenizer, s.save_matrix)
     seconds = time.perf_counter() - t0
     dampings = [d for d in _dampings(model, factors, s)]
     rd.update_manifest(
@@ -292,6 +296,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
             "rescore_top": s.rescore_top,
             "top": s.top,
             "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
+            "key": key,
             "seconds": round(seconds, 2),
             "finished": now(),
         }

@@ -57,7 +57,6 @@ def write_tables(
     queries: Sequence[Query],
     logp: np.ndarray,
     first: np.ndarray,
-    final: np.ndarray,
     shown: Sequence[Any],
     tfidf: np.ndarray | None,
     union: np.ndarray,
@@ -127,7 +126,7 @@ def write_tables(
         )
     qt: dict[str, list] = {k: [] for k in ("query_index", "query_id", "prompt", "completion", "logp", "num_scored", "hist_edges", "hist_counts", "score_mean", "score_std", "score_min", "score_max")}
     for q, query in enumerate(queries):
-        row = final[q][np.isfinite(final[q])]
+        row = first[q][np.isfinite(first[q])]  # the scan's scores: one estimator for every sequence
         counts, edges = np.histogram(row, bins=HIST_BINS)
         qt["query_index"].append(q)
         qt["query_id"].append(query.id)
