@@ -323,3 +323,15 @@ def test_main_leaves_no_handlers_behind(inputs, run):
     assert main(["report", "-o", str(run), "-q"]) == 0
     assert logging.getLogger("lminfluence").handlers == handlers
     assert (run / layout.LOG_DIR / "report.log").is_file()
+
+
+def test_full_rank_scan_in_query_groups(inputs, run, reference, tmp_path):
+    """Dense queries scanned one group at a time, each over its own candidates, equal the library's full-rank scores."""
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "--candidates", "30", "--query-batch-size", "1", "--chunk-size", "7", "--save-matrix", "--overwrite", "-q"]
+    assert main(args) == 0
+    m = pd.read_parquet(other / layout.MATRIX_TABLE)
+    assert m.groupby("query_index").size().tolist() == [30, 30, 30]
+    full = reference["full"]
+    np.testing.assert_allclose(m.score, full[m.query_index, m.seq_index], rtol=RTOL, atol=1e-4 * np.abs(full).max())

@@ -114,29 +114,34 @@ def _groups(n: int, size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, s, partial: Partial, task) -> np.ndarray:
-    """First-stage scores [Q, U] of every query against the sequences ``union``, chunk by chunk."""
+def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, mask: np.ndarray, s, partial: Partial, task) -> np.ndarray:
+    """First-stage scores [Q, U] against the sequences ``union``, chunk by chunk; NaN where ``mask`` [Q, U] is False.
+
+    Rank-R queries are small, so all of them share one pass over the union;
+    dense ones go in groups (memory), each group over its own candidates only.
+    """
     Q = len(examples)
-    # rank-R queries are small: all of them share one pass; dense ones go in groups to bound memory
     groups = [np.arange(Q)] if s.rank is not None else _groups(Q, s.query_batch_size)
-    out = np.zeros((Q, len(union)), dtype=np.float64)
+    out = np.full((Q, len(union)), np.nan)
     cfg = _score_config(s, s.rank)
-    overall = tqdm(total=len(groups) * len(union), desc="scan (all chunks)", unit="seq", disable=None)
-    for g, qs in enumerate(groups):
-        chunks = [(c, union[c : c + s.chunk_size]) for c in range(0, len(union), s.chunk_size)]
-        todo = [(c, idx) for c, idx in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
+    columns = [np.flatnonzero(mask[qs].any(axis=0)) for qs in groups]
+    overall = tqdm(total=sum(len(c) for c in columns), desc="scan (all chunks)", unit="seq", disable=None)
+    for g, (qs, cols) in enumerate(zip(groups, columns)):
+        chunks = [(c, cols[c : c + s.chunk_size]) for c in range(0, len(cols), s.chunk_size)]
+        todo = [c for c, _ in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
         if len(todo) < len(chunks):
             logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(todo), len(chunks))
         pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task) if todo else None
-        for c, idx in chunks:
+        for c, part in chunks:
             name = f"scan-{g:04d}-{c:010d}.npy"
             block = partial.load_npy(name)
             if block is None:
-                block = score_preconditioned(model, factors, pq, store.subset(idx), cfg, task=task).total.double().numpy()
+                block = score_preconditioned(model, factors, pq, store.subset(union[part]), cfg, task=task).total.double().numpy()
                 partial.save_npy(name, block)
-            out[qs, c : c + len(idx)] = block
-            overall.update(len(idx))
+            out[np.ix_(qs, part)] = block
+            overall.update(len(part))
     overall.close()
+    out[~mask] = np.nan  # each query keeps its own candidates
     return out
 
 
@@ -279,8 +284,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     t0 = time.perf_counter()
     union, tfidf, mask = candidates(rd, store, examples, s.candidates)
     partial = Partial(rd / layout.PARTIAL_DIR, key)
-    first = scan(model, factors, examples, store, union, s, partial, task)
-    first[~mask] = np.nan  # each query keeps its own candidates
+    first = scan(model, factors, examples, store, union, mask, s, partial, task)
     _, shown = refine(model, factors, examples, store, union, first, s, partial, task)
     logp = log_probs(model, examples, task, s.query_batch_size)
     from .tables import write_tables
