@@ -23,8 +23,9 @@ retraining subset by subset.
 
 Usage::
 
-    python benchmarks/accuracy_study.py                  # the full study (~40 minutes on 2 cores)
-    python benchmarks/accuracy_study.py --quick          # minutes: small sizes, a smoke check
+    python benchmarks/accuracy_study.py --threads 2      # the full study (~30 minutes on 2 cores)
+    python benchmarks/accuracy_study.py --quick          # ~2 minutes: toy sizes, a smoke check
+    python benchmarks/accuracy_study.py --sweep          # damping sweep against the exact reference (~18 minutes)
     python benchmarks/accuracy_study.py --tasks diabetes digits --out runs/acc --json results.json
 """
 

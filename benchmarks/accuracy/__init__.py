@@ -1,0 +1,1 @@
+"""Pieces of the accuracy study (benchmarks/accuracy_study.py): tasks, estimators, references, tables."""
