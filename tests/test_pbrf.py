@@ -221,3 +221,31 @@ def test_pbrf_runs_on_padded_gpt2_batches_with_sdpa_attention():
     eager = pbrf_influence(model, train, queries, [0, 1], cfg, damping=1.0, modules=("mlp",))
     assert (sdpa.steps == 20).all() and torch.isfinite(sdpa.influence).all()
     torch.testing.assert_close(sdpa.influence, eager.influence, rtol=1e-9, atol=1e-12)
+
+
+def test_solver_returns_its_best_point_not_its_last_iterate():
+    """A run stopped by max_steps while overshooting returns the lowest-objective point it visited.
+
+    On J(δ) = ½λ‖δ‖² - b·δ from δ = 0, Adam with a step far too large jumps past the minimum to
+    J > 0; the best point visited is δ = 0 or better, so the returned δ must have J ≤ 0.
+    """
+    from types import SimpleNamespace
+
+    from lminfluence.evaluation._optim import solve
+
+    curv, b = 1.0, torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+
+    class Quadratic:
+        theta = {"w": torch.zeros(3, dtype=torch.float64)}
+        lam = {"w": torch.full((3,), curv, dtype=torch.float64)}
+
+        def value_and_grad(self, delta, z, signs, loss_zs):
+            d = delta["w"]
+            return 0.5 * curv * (d * d).sum(1) - (b * d).sum(1), {"w": curv * d - b}
+
+    cfg = SimpleNamespace(lr=50.0, tol=1e-12, patience=100, max_steps=3)
+    delta, converged, _, _ = solve(Quadratic(), None, torch.ones(1, dtype=torch.float64), None, cfg)
+    d = delta["w"]
+    objective = float(0.5 * curv * (d * d).sum() - (b * d).sum())
+    assert not bool(converged[0])
+    assert objective <= 1e-12

@@ -122,6 +122,11 @@ def solve(obj: Any, z, signs, loss_zs, cfg: Any) -> tuple[Params, torch.Tensor, 
             gnorm = _norm(grads)
             rel = torch.where(halve, gnorm / g0, rel)
             g_best = torch.where(halve, gnorm, g_best)
+    # a run that stopped above its best objective returns that best point, not its last iterate
+    back = progress > best
+    if back.any():
+        delta, grads = _where(back, best_delta, delta), _where(back, best_grads, grads)
+        rel = torch.where(back, _norm(grads) / g0, rel)
     return delta, rel <= cfg.tol, steps.cpu(), rel.cpu()
 
 
