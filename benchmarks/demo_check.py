@@ -29,7 +29,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lminfluence as li
-from lminfluence.demo import cut_documents, prepare_demo
+from lminfluence.corpus import Document, SequenceStore
+from lminfluence.demo import prepare_demo
 
 BATCH = 16  # sequences per pass, for fitting and scoring
 
@@ -95,9 +96,9 @@ def check_seed(seed: int, workdir: Path, strategies: list[str]) -> dict:
     build_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(demo.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(demo.model_dir)
-    sequences = cut_documents(tokenizer, demo.read_corpus(), demo.max_length)
-    train = [{"input_ids": torch.tensor(s["input_ids"])} for s in sequences]
-    doc_of = [s["doc_id"] for s in sequences]
+    store = SequenceStore.build([Document(r["id"], r["text"]) for r in demo.read_corpus()], tokenizer, demo.max_length, progress=False)
+    train = list(store)  # the sequences `lminfluence fit` cuts
+    doc_of = store.doc_id
     queries = demo.read_queries()
     examples = li.examples_from_pairs(tokenizer, [(q["prompt"], q["completion"]) for q in queries])
     facts = {f["id"]: f for f in demo.read_facts()}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lminfluence as li
-from lminfluence.demo import DemoInputs, cut_documents, prepare_demo
-from lminfluence.demo.model import cut_ids
+from lminfluence.corpus import Document, SequenceStore
+from lminfluence.demo import DemoInputs, prepare_demo
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +73,15 @@ def test_corpus_rows_are_unique_and_real_text_is_present(tiny):
 def test_each_fact_document_is_one_training_sequence(tiny, loaded):
     """A planted document fits max_length tokens, so cutting gives exactly one piece for it."""
     _, tokenizer = loaded
-    sequences = cut_documents(tokenizer, tiny.read_corpus(), tiny.max_length)
+    store = SequenceStore.build([Document(r["id"], r["text"]) for r in tiny.read_corpus()], tokenizer, tiny.max_length, progress=False)
     pieces = {}
-    for s in sequences:
-        assert 2 <= len(s["input_ids"]) <= tiny.max_length
-        pieces[s["doc_id"]] = pieces.get(s["doc_id"], 0) + 1
+    for i, doc_id in enumerate(store.doc_id):
+        assert 2 <= len(store.tokens(i)) <= tiny.max_length
+        pieces[doc_id] = pieces.get(doc_id, 0) + 1
     for f in tiny.read_facts():
         for doc_id in f["doc_ids"]:
             assert pieces[doc_id] == 1, doc_id
     assert max(pieces.values()) > 1  # long ordinary documents are cut into several
-
-
-def test_cut_ids_keeps_consecutive_pieces():
-    """Pieces concatenate back to the ids; only a last one-token piece is dropped."""
-    ids = list(range(23))
-    assert [len(p) for p in cut_ids(ids, 5)] == [5, 5, 5, 5, 3]
-    assert sum(cut_ids(ids, 5), []) == ids
-    assert sum(cut_ids(ids[:21], 5), []) == ids[:20]  # the 21st id would be a piece of one token
-    assert cut_ids(ids[:7], 7) == [ids[:7]]
-    with pytest.raises(ValueError):
-        cut_ids(ids, 1)
 
 
 def test_queries_are_well_formed(tiny, loaded):
@@ -173,14 +162,14 @@ def planted_fact_retrieval(demo: DemoInputs, strategy: str) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(demo.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(demo.model_dir)
-    sequences = cut_documents(tokenizer, demo.read_corpus(), demo.max_length)
-    train = [{"input_ids": torch.tensor(s["input_ids"])} for s in sequences]
+    store = SequenceStore.build([Document(r["id"], r["text"]) for r in demo.read_corpus()], tokenizer, demo.max_length, progress=False)
+    train = list(store)
     queries = [q for q in demo.read_queries() if q["kind"] == "fact"]
     examples = li.examples_from_pairs(tokenizer, [(q["prompt"], q["completion"]) for q in queries])
     facts = {f["id"]: f for f in demo.read_facts()}
     factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=16)
     scores = li.compute_scores(model, factors, examples, train, li.ScoreConfig(train_batch_size=16))
-    hits = [sequences[int(scores.total[k].argmax())]["doc_id"] in facts[q["fact_id"]]["doc_ids"] for k, q in enumerate(queries)]
+    hits = [store.doc_id[int(scores.total[k].argmax())] in facts[q["fact_id"]]["doc_ids"] for k, q in enumerate(queries)]
     return sum(hits) / len(hits)
 
 

@@ -6,7 +6,6 @@ The facts follow the paper's word-order experiment: each is stated only as
 and the flipped query "<name> was <subject>" should find far less.
 """
 
-from .model import cut_documents
 from .prepare import SCALES, DemoInputs, DemoScale, prepare_demo
 
-__all__ = ["prepare_demo", "DemoInputs", "DemoScale", "SCALES", "cut_documents"]
+__all__ = ["prepare_demo", "DemoInputs", "DemoScale", "SCALES"]

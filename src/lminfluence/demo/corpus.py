@@ -14,10 +14,11 @@ from __future__ import annotations
 import random
 import re
 import sysconfig
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from ..corpus.readers import Document
 from .facts import Fact
 
 # Modules present (with these names) in every CPython from 3.10 on; read in this order.
@@ -36,12 +37,6 @@ _OPEN_KEYWORDS = ("for", "while", "if", "with", "try", "return", "raise", "del")
 _OPEN = re.compile(r'(The "(\w+)" statement (?:is used|specifies|is|may))((?: [^ .,:;(]+){2,12})')
 
 
-@dataclass(frozen=True)
-class Document:
-    """One corpus document: an id and its text (the corpus.jsonl row)."""
-
-    id: str
-    text: str
 
 
 def _paragraphs(raw: str) -> list[str]:

@@ -1,9 +1,8 @@
 """The demo's tokenizer and model: a byte-level BPE and a small GPT-2 trained from scratch.
 
-The model is trained on exactly the sequences ``cut_documents`` makes from
-the corpus (each document tokenized whole, then cut into consecutive pieces
-of at most ``max_length`` tokens; nothing is packed across documents), so an
-influence run that cuts the corpus the same way scores the true training set.
+The model is trained on exactly the sequences ``SequenceStore.build`` (what
+``lminfluence fit`` runs) cuts from the corpus, so the demo's influence run
+scores the true training set.
 """
 
 from __future__ import annotations
@@ -44,30 +43,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
-
-
-def cut_ids(ids: Sequence[int], max_length: int) -> list[list[int]]:
-    """Consecutive pieces of at most ``max_length`` tokens; a last piece of one token is dropped
-    (a sequence needs two tokens to carry any loss)."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
-    pieces = [list(ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
-    return [p for p in pieces if len(p) >= 2]
-
-
-def cut_documents(tokenizer: Any, documents: Iterable[dict], max_length: int) -> list[dict]:
-    """Training sequences from corpus rows ``{"id", "text"}``: one dict per piece.
-
-    Each has ``input_ids`` (a list), ``doc_id`` and ``piece`` (its index within
-    the document), in corpus order. These are the sequences the demo model is
-    trained on.
-    """
-    out = []
-    for doc in documents:
-        ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
-        for k, piece in enumerate(cut_ids(ids, max_length)):
-            out.append({"input_ids": piece, "doc_id": doc["id"], "piece": k})
-    return out
 
 
 @dataclass(frozen=True)
@@ -189,4 +164,4 @@ def completion_stats(model: Any, tokenizer: Any, prompt: str, completion: str) -
     }
 
 
-__all__ = ["EOS", "train_tokenizer", "cut_ids", "cut_documents", "TrainSettings", "make_model", "train_model", "completion_stats"]
+__all__ = ["EOS", "train_tokenizer", "TrainSettings", "make_model", "train_model", "completion_stats"]

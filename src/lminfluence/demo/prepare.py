@@ -30,7 +30,9 @@ import torch
 
 from . import corpus as corpus_mod
 from .facts import fact_queries, make_facts
-from .model import TrainSettings, completion_stats, cut_documents, make_model, train_model, train_tokenizer
+from ..corpus.sequences import SequenceStore
+from ..storage.atomic import atomic_write_text
+from .model import TrainSettings, completion_stats, make_model, train_model, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class DemoInputs:
         facts_path: JSON list of facts with the ids of the documents that state them.
         manifest_path: the build's parameters and training record (``demo.json``).
         max_length: tokens per training sequence: cut each document's token ids into
-            consecutive pieces of at most this many (``cut_documents``) to get the
+            consecutive pieces of at most this many (``SequenceStore.build``) to get the
             sequences the model was trained on.
         scale: ``full`` or ``tiny``.
         seed: the build's seed.
@@ -129,12 +131,6 @@ class DemoInputs:
 def _read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -209,7 +205,7 @@ def prepare_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     inputs.manifest_path.unlink(missing_ok=True)  # the marker goes first, so a half-rebuilt directory is never taken as built
     record = _build(inputs, SCALES[scale], seed, progress)
-    _write_atomic(inputs.manifest_path, json.dumps({"parameters": parameters, **record}, indent=2) + "\n")
+    atomic_write_text(inputs.manifest_path, json.dumps({"parameters": parameters, **record}, indent=2) + "\n")
     return inputs
 
 
@@ -251,11 +247,12 @@ def _build(inputs: DemoInputs, sizes: DemoScale, seed: int, progress: bool) -> d
     docs = corpus_mod.fit_planted(docs, facts, n_tokens, sizes.max_length)
     rows = [{"id": d.id, "text": d.text} for d in docs]
     queries = fact_queries(facts) + corpus_mod.open_queries(docs)
-    sequences = cut_documents(tokenizer, rows, sizes.max_length)
-    logger.info("demo corpus: %d documents, %d sequences, %d tokens", len(rows), len(sequences), sum(len(s["input_ids"]) for s in sequences))
+    # exactly the sequences `lminfluence fit` cuts from corpus.jsonl
+    sequences = [s.tolist() for s in SequenceStore.build(docs, tokenizer, sizes.max_length, progress=False).token_lists()]
+    logger.info("demo corpus: %d documents, %d sequences, %d tokens", len(rows), len(sequences), sum(map(len, sequences)))
 
     model = make_model(len(tokenizer), sizes.max_length, sizes.train, seed)
-    losses = train_model(model, [s["input_ids"] for s in sequences], sizes.train, seed, progress)
+    losses = train_model(model, sequences, sizes.train, seed, progress)
     memorised = {}
     for q in queries:
         if q["kind"] != "open":
@@ -267,13 +264,13 @@ def _build(inputs: DemoInputs, sizes: DemoScale, seed: int, progress: bool) -> d
     _save_quietly(model, tokenizer, tmp_model, progress)
     shutil.rmtree(inputs.model_dir, ignore_errors=True)
     os.replace(tmp_model, inputs.model_dir)
-    _write_atomic(inputs.corpus_path, _jsonl(rows))
-    _write_atomic(inputs.queries_path, _jsonl(queries))
-    _write_atomic(inputs.facts_path, json.dumps([f.to_dict() for f in facts], indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(inputs.corpus_path, _jsonl(rows))
+    atomic_write_text(inputs.queries_path, _jsonl(queries))
+    atomic_write_text(inputs.facts_path, json.dumps([f.to_dict() for f in facts], indent=2, ensure_ascii=False) + "\n")
     return {
         "documents": len(rows),
         "sequences": len(sequences),
-        "tokens": sum(len(s["input_ids"]) for s in sequences),
+        "tokens": sum(map(len, sequences)),
         "parameters_count": sum(p.numel() for p in model.parameters()),
         "epoch_losses": losses,
         "facts_greedy": sum(v["greedy"] for v in trained) / max(len(trained), 1),
