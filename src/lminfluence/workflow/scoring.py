@@ -150,9 +150,8 @@ def _ends(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     valid = np.flatnonzero(np.isfinite(row))
     order = valid[np.lexsort((valid, -row[valid]))]  # by score, ties → lower index
     top = order[:k]
-    taken = set(top.tolist())
-    bottom = [i for i in order[::-1] if row[i] < 0 and i not in taken][:k]
-    return top, np.asarray(bottom, dtype=np.int64)
+    rest = order[k:][::-1]
+    return top, rest[row[rest] < 0][:k]
 
 
 def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray, s, partial: Partial, task) -> tuple[np.ndarray, list[Shown]]:

@@ -102,13 +102,18 @@ def write_tables(
             top["block_scores"].append([per_block[b] for b in blocks])
             top["text"].append(store.text[seq])
             ids = store.tokens(seq)
-            for t, token_id in enumerate(ids):
-                tokens["query_index"].append(q)
-                tokens["seq_index"].append(seq)
-                tokens["position"].append(t)
-                tokens["token_id"].append(int(token_id))
-                tokens["token"].append(text_of(int(token_id)))
-                tokens["score"].append(float(sh.per_token[j, t]) if t < sh.per_token.shape[1] else 0.0)
+            n = len(ids)
+            tokens["query_index"].append(np.full(n, q))
+            tokens["seq_index"].append(np.full(n, seq))
+            tokens["position"].append(np.arange(n))
+            tokens["token_id"].append(ids)
+            tokens["token"].extend(text_of(int(t)) for t in ids)
+            scores = np.zeros(n)
+            m = min(n, sh.per_token.shape[1])
+            scores[:m] = sh.per_token[j, :m]
+            tokens["score"].append(scores)
+    for key in ("query_index", "seq_index", "position", "token_id", "score"):
+        tokens[key] = np.concatenate(tokens[key]) if tokens[key] else np.zeros(0)
     int32 = {"rank", "chunk", "block", "position", "token_id"}
 
     def table(cols: dict[str, list], types: dict[str, Any] | None = None):
