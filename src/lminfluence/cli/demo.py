@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
     recorded = (RunDir(config.run_dir).manifest().get("inputs") or {}).get("fit")
     rebuilt = recorded is not None and recorded != {"corpus": file_stamp(config.corpus.path), "model": model_stamp(config.model)}
     run_dir, _ = run_fit(config, overwrite=args.overwrite or rebuilt, progress=not args.quiet)
-    run_score(config, overwrite=args.overwrite or rebuilt, progress=not args.quiet)
+    run_score(config, overwrite=args.overwrite or rebuilt)
     report = write_report(run_dir.path)
     queries, facts = inputs.read_queries(), inputs.read_facts()
     summary = summarize(run_dir.path, queries, facts)

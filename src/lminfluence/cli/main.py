@@ -231,7 +231,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "score":
         config = resolve(args, ("score",))
         _attach_log(config.run_dir, "score")
-        run_score(config, overwrite=args.overwrite, progress=not args.quiet)
+        run_score(config, overwrite=args.overwrite)
         print(f"scores: {Path(config.run_dir) / layout.SCORES_DIR}")
     elif args.command == "report":
         from ..report import write_report

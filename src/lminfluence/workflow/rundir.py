@@ -39,12 +39,6 @@ class RunDir:
         p = self / layout.RUN_CONFIG
         return read_yaml(p) if p.is_file() else None
 
-    def load_config(self) -> RunConfig:
-        data = self.saved_config()
-        if data is None:
-            raise InputError(f"{self.path} is not a run directory (no {layout.RUN_CONFIG}); run `lminfluence fit` first")
-        return RunConfig.from_dict(data, str(self / layout.RUN_CONFIG))
-
     def prepare(self, stage: str, config: RunConfig, *, overwrite: bool, inputs: dict[str, Any] | None = None) -> None:
         """Refuse to mix two runs in one directory; with ``overwrite``, clear what the stage rewrites.
 

@@ -256,7 +256,7 @@ def candidates(rd: RunDir, store: SequenceStore, examples: Sequence[dict], k: in
     return union, tfidf, mask
 
 
-def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = True) -> RunDir:
+def run_score(config: RunConfig, *, overwrite: bool = False) -> RunDir:
     """Score the queries of ``config.score`` against the run's corpus and write the tables."""
     if config.score is None:
         raise InputError("no score settings: give --queries")
@@ -290,7 +290,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
 
     write_tables(rd.path, queries, logp, first, shown, tfidf, union, store, tokenizer, s.save_matrix)
     seconds = time.perf_counter() - t0
-    dampings = [d for d in _dampings(model, factors, s)]
+    dampings = _dampings(factors, s)
     rd.update_manifest(
         score={
             "queries": len(queries),
@@ -311,7 +311,7 @@ def run_score(config: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     return rd
 
 
-def _dampings(model, factors, s) -> list[float]:
+def _dampings(factors, s) -> list[float]:
     cfg = _score_config(s, s.rank)
     if factors.strategy == "identity":
         return [0.0]
