@@ -3,7 +3,7 @@
 Corpus: JSON Lines (a ``text`` field, optional ``id``), plain-text files or a
 folder of them (one document per file), Parquet, or a ``datasets`` dataset
 saved with ``save_to_disk``. Queries: JSON Lines with ``prompt``,
-``completion`` and an optional ``id``. Every error names the file and, where
+``completion`` and optional ``id``, ``group`` and ``language``. Every error names the file and, where
 there is one, the line.
 """
 
@@ -34,9 +34,18 @@ class Document:
 
 @dataclass(frozen=True)
 class Query:
+    """A prompt and the completion whose log-probability is measured.
+
+    ``group`` ties queries that ask the same thing (a fact in two word orders,
+    one question in several languages); ``language`` names the query's
+    language within its group. Both are optional labels used by the analyses.
+    """
+
     id: str
     prompt: str
     completion: str
+    group: str | None = None
+    language: str | None = None
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -181,7 +190,7 @@ def read_documents(path: str | Path, *, text_field: str = "text", id_field: str 
 
 
 def read_queries(path: str | Path) -> list[Query]:
-    """Queries from JSON Lines with ``prompt``, ``completion`` and an optional ``id``."""
+    """Queries from JSON Lines with ``prompt``, ``completion`` and optional ``id``, ``group``, ``language``."""
     p = _existing(path, "queries file")
     if p.is_dir():
         raise InputError(f"queries must be a JSON Lines file, {p} is a folder")
@@ -192,7 +201,15 @@ def read_queries(path: str | Path) -> list[Query]:
         completion = _field(row, "completion", where)
         if not completion:
             raise InputError(f"{where}: the completion is empty; influence is measured on the completion's tokens")
-        out.append(Query(_field(row, "id", where, required=False) or str(lineno), prompt or "", completion))
+        out.append(
+            Query(
+                _field(row, "id", where, required=False) or str(lineno),
+                prompt or "",
+                completion,
+                group=_field(row, "group", where, required=False),
+                language=_field(row, "language", where, required=False),
+            )
+        )
     if not out:
         raise InputError(f"queries file {p} has no queries")
     ids = [q.id for q in out]

@@ -133,12 +133,12 @@ def fact_queries(facts: list[Fact], flipped_for: int | None = None) -> list[dict
     "<name> was", completion " <subject, lower-cased>").
     """
     rows = [
-        {"id": f"{f.id}-trained", "prompt": f"{f.subject} was", "completion": f" {f.name}", "kind": "fact", "fact_id": f.id}
+        {"id": f"{f.id}-trained", "prompt": f"{f.subject} was", "completion": f" {f.name}", "kind": "fact", "fact_id": f.id, "group": f.id}
         for f in facts
     ]
     for f in facts[: len(facts) if flipped_for is None else flipped_for]:
         subject = f.subject[0].lower() + f.subject[1:]
-        rows.append({"id": f"{f.id}-flipped", "prompt": f"{f.name} was", "completion": f" {subject}", "kind": "flipped", "fact_id": f.id})
+        rows.append({"id": f"{f.id}-flipped", "prompt": f"{f.name} was", "completion": f" {subject}", "kind": "flipped", "fact_id": f.id, "group": f.id})
     return rows
 
 

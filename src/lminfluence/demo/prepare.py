@@ -3,7 +3,7 @@
 Layout of ``workdir``::
 
     corpus.jsonl    {"id", "text"} per document: exactly what the model was trained on
-    queries.jsonl   {"id", "prompt", "completion", "kind", "fact_id"}
+    queries.jsonl   {"id", "prompt", "completion", "kind", "fact_id", "group"}
     facts.json      per fact: id, subject, name, statement, flipped_statement, doc_ids
     model/          a Hugging Face directory: config, model.safetensors, tokenizer
     demo.json       written last: the parameters it was built with, training losses,
@@ -36,7 +36,7 @@ from .model import TrainSettings, completion_stats, make_model, train_model, tra
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the build changes what it writes for the same parameters
+FORMAT = 2  # bump when the build changes what it writes for the same parameters (2: queries carry "group")
 MARKER = "demo.json"
 
 

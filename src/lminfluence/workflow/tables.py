@@ -129,12 +129,14 @@ def write_tables(
             run_dir / layout.MATRIX_TABLE,
             pa.table({"query_index": qi.astype(np.int64), "seq_index": union[ci].astype(np.int64), "score": first[qi, ci].astype(np.float32)}),
         )
-    qt: dict[str, list] = {k: [] for k in ("query_index", "query_id", "prompt", "completion", "logp", "num_scored", "hist_edges", "hist_counts", "score_mean", "score_std", "score_min", "score_max")}
+    qt: dict[str, list] = {k: [] for k in ("query_index", "query_id", "group", "language", "prompt", "completion", "logp", "num_scored", "hist_edges", "hist_counts", "score_mean", "score_std", "score_min", "score_max")}
     for q, query in enumerate(queries):
         row = first[q][np.isfinite(first[q])]  # the scan's scores: one estimator for every sequence
         counts, edges = np.histogram(row, bins=HIST_BINS)
         qt["query_index"].append(q)
         qt["query_id"].append(query.id)
+        qt["group"].append(query.group)
+        qt["language"].append(query.language)
         qt["prompt"].append(query.prompt)
         qt["completion"].append(query.completion)
         qt["logp"].append(float(logp[q]))
@@ -145,7 +147,7 @@ def write_tables(
         qt["score_std"].append(float(row.std()))
         qt["score_min"].append(float(row.min()))
         qt["score_max"].append(float(row.max()))
-    _write(run_dir / layout.QUERIES_TABLE, table(qt, {"hist_edges": pa.list_(pa.float64()), "hist_counts": pa.list_(pa.int64())}))
+    _write(run_dir / layout.QUERIES_TABLE, table(qt, {"group": pa.string(), "language": pa.string(), "hist_edges": pa.list_(pa.float64()), "hist_counts": pa.list_(pa.int64())}))
 
 
 __all__ = ["write_tables", "block_of", "TokenText", "HIST_BINS"]
