@@ -95,7 +95,8 @@ def test_queries_are_well_formed(tiny, loaded):
     kinds = [q["kind"] for q in queries]
     assert kinds.count("fact") == len(facts) and "flipped" in kinds and "open" in kinds
     for q in queries:
-        assert set(q) == {"id", "prompt", "completion", "kind", "fact_id"}
+        assert set(q) - {"group"} == {"id", "prompt", "completion", "kind", "fact_id"}
+        assert q.get("group") == q["fact_id"]  # a fact's trained and flipped queries form one group
         assert q["completion"].startswith(" ") and q["prompt"] and not q["prompt"].endswith(" ")
         whole = tokenizer(q["prompt"] + q["completion"])["input_ids"]
         assert whole == tokenizer(q["prompt"])["input_ids"] + tokenizer(q["completion"])["input_ids"], q["id"]
