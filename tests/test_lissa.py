@@ -17,7 +17,7 @@ from helpers import (
 from torch import nn
 
 import lminfluence as li
-from lminfluence.curvature.lissa import LissaDataError, LissaDivergenceError, attach_data
+from lminfluence.errors import InputError, LissaDivergenceError
 from lminfluence.hooks import resolve_modules
 from lminfluence.scoring import precondition_queries
 from lminfluence.scoring.pairwise import score_preconditioned
@@ -68,13 +68,14 @@ def test_lissa_converges_to_dense_solve_on_damped_mlp():
     cfg = li.FactorConfig(strategy="lissa", modules=["*"], lissa_batch_size=len(data), lissa_depth=300)
     factors = li.fit_factors(model, data, cfg, task=task)
     sc = li.ScoreConfig(damping=damping)
-    pq = precondition_queries(model, factors, queries, sc, task=task)
+    meta: dict = {}
+    pq = precondition_queries(model, factors, queries, sc, task=task, curvature_data=data, meta=meta)
     want = torch.linalg.solve(h, -grad_f.T).T  # ∇g = -∇f
     # tolerance: (1 - α λ)^300 ≈ 1e-12 truncation; α from the automatic scale
     allclose_report(stacked(pq, list(modules), len(queries)), want, rtol=1e-7, atol=1e-9, what="IHVP")
     scores = score_preconditioned(model, factors, pq, data, sc, task=task)
     allclose_report(scores.total, -grad_f @ torch.linalg.solve(h, grad_l.T), rtol=1e-7, atol=1e-9, what="scores")
-    rep = scores.meta["lissa"]
+    rep = meta["lissa"]
     assert rep["max_eigenvalue_estimate"] == pytest.approx(float(torch.linalg.eigvalsh(gn).max()), rel=1e-3)
     assert rep["last_relative_update"] < 1e-8
 
@@ -91,7 +92,7 @@ def test_lissa_converges_to_dense_solve_on_gpt2_cross_entropy():
     damping = float(torch.linalg.eigvalsh(gn).max()) / 5  # keeps the depth needed small
     cfg = li.FactorConfig(strategy="lissa", lissa_batch_size=8, lissa_depth=100)
     factors = li.fit_factors(model, train, cfg)
-    pq = precondition_queries(model, factors, queries, li.ScoreConfig(damping=damping))
+    pq = precondition_queries(model, factors, queries, li.ScoreConfig(damping=damping), curvature_data=train)
 
     def neg_logp(m, ex):
         return lm_summed_nll(m, torch.as_tensor(ex["input_ids"]), torch.as_tensor(ex["labels"]))
@@ -158,10 +159,11 @@ def test_stochastic_minibatch_lissa_approximates_the_solve():
     assert rel < 0.15, rel
 
 
-def test_reloaded_lissa_factors_need_the_training_data_again(tmp_path):
-    """Saved LiSSA factors keep the damping statistics, not the data: scoring names the fix, and
-    after attach_data gives the same scores (the mini-batch sequence is seeded, also independent of
-    how the queries are batched)."""
+def test_reloaded_lissa_factors_score_as_fresh_ones(tmp_path):
+    """Saved LiSSA factors keep the damping statistics, not the data: the recursion runs at scoring
+    time on the training data given, so reloaded factors give the same scores (the mini-batch
+    sequence is seeded, also independent of how the queries are batched). Without data, the
+    preconditioning names the fix."""
     model = mlp()
     data = regression_data(12, 3)
     queries = regression_data(3, 3, seed=9)
@@ -172,12 +174,11 @@ def test_reloaded_lissa_factors_need_the_training_data_again(tmp_path):
     first = li.compute_scores(model, factors, queries, data, sc, task=task)
     loaded = li.load_factors(tmp_path, model)
     assert loaded.config == cfg
-    with pytest.raises(LissaDataError, match="attach_data"):
-        li.compute_scores(model, loaded, queries, data, sc, task=task)
-    attach_data(loaded, data)
     again = li.compute_scores(model, loaded, queries, data, li.ScoreConfig(damping_scale=0.5, query_batch_size=1), task=task)
     torch.testing.assert_close(again.total, first.total, rtol=1e-10, atol=1e-12)
     assert again.meta["damping"] == first.meta["damping"]
+    with pytest.raises(InputError, match="training data"):
+        precondition_queries(model, loaded, queries, sc, task=task)
 
 
 def test_lissa_configuration_errors():
@@ -191,7 +192,7 @@ def test_lissa_configuration_errors():
     data = regression_data(6, 3)
     task = ScalarRegressionTask()
     factors = li.fit_factors(model, data, li.FactorConfig(strategy="lissa", modules=["*"], lissa_depth=5), task=task)
-    with pytest.raises(NotImplementedError, match="self-influence"):
+    with pytest.raises(InputError, match="self-influence"):
         li.compute_self_scores(model, factors, data, task=task)
     with pytest.raises(ValueError, match="positive damping"):
         li.compute_scores(model, factors, data[:1], data, li.ScoreConfig(damping=0.0), task=task)

@@ -22,7 +22,7 @@ import time
 import torch
 
 import lminfluence as li
-from lminfluence.curvature.lissa import GaussNewtonProduct
+from lminfluence.curvature.gnvp import GaussNewtonProduct
 from lminfluence.curvature.math import sequence_gradients
 from lminfluence.passes import run_pass, tracking
 from lminfluence.scoring.contract import LayerQueries

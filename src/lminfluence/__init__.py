@@ -7,9 +7,9 @@ positive means the sequence makes the completion more likely.
 """
 
 from .config import FactorConfig, ScoreConfig
-from .curvature.fit import Factors, fit_factors
+from .curvature.factors import Factors, load_factors
+from .curvature.fit import fit_factors
 from .scoring.pairwise import Scores, compute_scores, compute_self_scores
-from .storage.factors import load_factors
 from .task.base import Task
 from .task.causal_lm import CausalLMTask, examples_from_pairs
 

@@ -11,9 +11,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from .hooks.collector import Collector, LayerCapture
+from .progress import progress
 from .task.base import Task
 
 logger = logging.getLogger(__name__)
@@ -47,6 +46,11 @@ def batches(data: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list
             chunk = []
     if chunk:
         yield chunk
+
+
+def collate_to(task: Task, examples: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    """``task.collate(examples)`` with every tensor moved to ``device``."""
+    return {k: v.to(device) for k, v in task.collate(examples).items()}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -104,9 +108,9 @@ def run_pass(
     seen = 0
     seen_tokens = 0
     start = time.perf_counter()
-    with tqdm(total=total, desc=desc, unit="seq", disable=None, leave=False) as bar:
+    with progress(total, desc, "seq") as bar:
         for examples in batches(data, batch_size):
-            batch = {k: v.to(device) for k, v in task.collate(examples).items()}
+            batch = collate_to(task, examples, device)
             mask = task.token_mask(batch)
             collector.begin(mask)
             outputs = task.forward(model, batch)
@@ -133,4 +137,4 @@ def run_pass(
         raise ValueError(f"{desc or 'the data'}: no examples (the dataset is empty)")
 
 
-__all__ = ["as_reiterable", "batches", "run_pass", "tracking", "eval_mode", "model_device", "BatchCapture", "LossKind"]
+__all__ = ["as_reiterable", "batches", "collate_to", "run_pass", "tracking", "eval_mode", "model_device", "BatchCapture", "LossKind"]

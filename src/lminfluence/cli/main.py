@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..corpus.readers import InputError
+from ..errors import InputError
 from ..storage import layout
 from ..workflow.config import RunConfig, merge, read_yaml
 from ..workflow.rundir import RunDir

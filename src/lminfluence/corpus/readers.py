@@ -15,15 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-class InputError(ValueError):
-    """Bad user input: the message says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -219,4 +217,4 @@ def read_queries(path: str | Path) -> list[Query]:
     return out
 
 
-__all__ = ["Document", "Query", "InputError", "iter_documents", "read_documents", "read_queries"]
+__all__ = ["Document", "Query", "iter_documents", "read_documents", "read_queries"]

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..storage.atomic import atomic_write
 from ..storage.layout import SEQUENCES_FILE, TOKENS_FILE
-from .readers import Document, InputError
+from ..errors import InputError
+from .readers import Document
 
 TOKENIZE_BATCH = 256
 

@@ -1,8 +1,9 @@
-"""Curvature approximations behind one interface, and fitting them."""
+"""Curvature approximations behind one interface, fitting them, and the Factors they make."""
 
 from .base import Curvature, EigenbasisCurvature, Identity
-from .fit import Factors, fit_factors
-from .lissa import LiSSA, LissaDataError, LissaDivergenceError, attach_data
+from .factors import Factors, load_factors, save_factors, tracked_modules
+from .fit import fit_factors
+from .lissa import LiSSA, LissaSolver
 from .strategies import EKFAC, KFAC, STRATEGY_CLASSES, Diagonal, make_curvature
 
 __all__ = [
@@ -13,11 +14,12 @@ __all__ = [
     "KFAC",
     "EKFAC",
     "LiSSA",
-    "LissaDivergenceError",
-    "LissaDataError",
-    "attach_data",
+    "LissaSolver",
     "STRATEGY_CLASSES",
     "make_curvature",
     "Factors",
     "fit_factors",
+    "load_factors",
+    "save_factors",
+    "tracked_modules",
 ]

@@ -25,8 +25,6 @@ class Curvature:
 
     name: ClassVar[str]
     passes: ClassVar[tuple[str, ...]] = ()
-    # True when (G + λI)⁻¹ couples the layers (LiSSA): queries then go through ``precondition_all``
-    joint: ClassVar[bool] = False
 
     def __init__(self, layers: dict[str, LayerInfo], config: Any = None) -> None:
         self.layers = dict(layers)
@@ -44,23 +42,6 @@ class Curvature:
     def precondition(self, name: str, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(G + λI)⁻¹ V for one layer, V [..., O, I]."""
         raise NotImplementedError
-
-    def precondition_all(
-        self, grads: dict[str, torch.Tensor], dampings: dict[str, float], *, model: Any = None, task: Any = None
-    ) -> dict[str, torch.Tensor]:
-        """(G + λI)⁻¹ V for every layer at once, V [Q, O, I] per layer name.
-
-        The default preconditions each layer on its own; a ``joint`` strategy
-        overrides it and may run ``model`` under ``task`` (outside any hooks).
-        """
-        return {n: self.precondition(n, v, dampings[n]) for n, v in grads.items()}
-
-    def attach_data(self, train: Any) -> None:
-        """Called by ``fit_factors`` with the training data; kept only by strategies that need it again."""
-
-    def describe(self) -> dict[str, Any]:
-        """Settings and diagnostics to add to a score's metadata (none by default)."""
-        return {}
 
     def precondition_captures(
         self, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None = None

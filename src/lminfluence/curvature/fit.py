@@ -1,4 +1,4 @@
-"""Fitting curvature factors over a training set, and the Factors they make."""
+"""Fitting curvature factors over a training set."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,69 +13,14 @@ import torch
 from torch import nn
 
 from ..config import FactorConfig
-from ..hooks.modules import LayerInfo, fingerprint, layer_info, resolve_modules
+from ..fingerprint import model_fingerprint
+from ..hooks.modules import layer_info, resolve_modules
 from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
-from .base import Curvature
+from .factors import Factors
 from .strategies import make_curvature
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Factors:
-    """Fitted curvature for a set of tracked layers of one model.
-
-    Attributes:
-        config: the FactorConfig that produced them.
-        curvature: the fitted strategy (holds per-layer tensors).
-        num_tokens: real tokens seen in the fitting pass(es).
-        num_sequences: training sequences seen.
-        fingerprint: hash of the tracked layers' weights; scoring against a
-            model whose weights differ is refused.
-        meta: free-form provenance (timings, versions).
-    """
-
-    config: FactorConfig
-    curvature: Curvature
-    num_tokens: int
-    num_sequences: int
-    fingerprint: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    _verified: tuple = field(default=(), repr=False, compare=False)
-
-    @property
-    def layers(self) -> dict[str, LayerInfo]:
-        return self.curvature.layers
-
-    @property
-    def strategy(self) -> str:
-        return self.curvature.name
-
-    def save(self, path: str | Path) -> Path:
-        """Write factors.safetensors and manifest.json into the directory ``path``."""
-        from ..storage.factors import save_factors
-
-        return save_factors(self, path)
-
-    def check_model(self, modules: dict[str, nn.Module]) -> None:
-        """Raise if ``modules`` are not the layers these factors were fitted on."""
-        missing = [n for n in self.layers if n not in modules]
-        if missing:
-            raise ValueError(f"the model has no module(s) {', '.join(missing[:4])} that these factors track")
-        for n, info in self.layers.items():
-            if layer_info(modules[n]) != info:
-                raise ValueError(f"module {n!r} is {layer_info(modules[n])} in the model but {info} in the factors")
-        key = tuple((n, p.data_ptr(), p._version) for n in self.layers for p in modules[n].parameters())
-        if key == self._verified:  # the same tensors, unmodified since the last check
-            return
-        fp = fingerprint({n: modules[n] for n in self.layers})
-        if fp != self.fingerprint:
-            raise ValueError(
-                "these factors were fitted on a different model: the tracked weights' fingerprint "
-                f"is {fp} but the factors were fitted on {self.fingerprint}; refit the factors for this model"
-            )
-        self._verified = key
 
 
 class CaptureCache:
@@ -119,15 +63,6 @@ class CaptureCache:
         items, self.items = deque(self.items or []), None  # each batch is freed once replayed
         while items:
             yield items.popleft()
-
-
-def tracked_modules(model: nn.Module, factors_or_patterns: Factors | tuple[str, ...] | None) -> dict[str, nn.Module]:
-    if isinstance(factors_or_patterns, Factors):
-        named = dict(model.named_modules())
-        mods = {n: named[n] for n in factors_or_patterns.layers if n in named}
-        factors_or_patterns.check_model(mods)
-        return mods
-    return resolve_modules(model, factors_or_patterns)
 
 
 def fit_factors(
@@ -200,7 +135,6 @@ def fit_factors(
                 cache.close()
             curvature.finalize(pass_name, num_tokens, num_sequences)
             timings[pass_name] = time.perf_counter() - start
-    curvature.attach_data(train)  # kept only by strategies that use it again (LiSSA)
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
         num_sequences = sum(1 for _ in train)
         if num_sequences == 0:
@@ -210,7 +144,7 @@ def fit_factors(
         curvature=curvature,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
-        fingerprint=fingerprint(modules),
+        fingerprint=model_fingerprint(model),
         meta={
             "seconds": timings,
             "torch": torch.__version__,
@@ -222,4 +156,4 @@ def fit_factors(
     return factors
 
 
-__all__ = ["Factors", "fit_factors", "tracked_modules"]
+__all__ = ["fit_factors", "CaptureCache"]

@@ -50,7 +50,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -64,9 +63,11 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from ..curvature.lissa import _TaskModule
+from ..curvature.gnvp import TaskModule
+from ..errors import PBRFConvergenceError
+from ..fingerprint import tensors_fingerprint
 from ..hooks.modules import resolve_modules
-from ..passes import batches, eval_mode, model_device
+from ..passes import batches, collate_to, eval_mode, model_device
 from ..task.base import Task
 from ._files import check_settings, read_json, write_json
 from ._optim import solve
@@ -76,10 +77,6 @@ logger = logging.getLogger(__name__)
 Params = dict[str, torch.Tensor]
 # Outputs and output-gradients at θ_s are cached per chunk while they take at most this many bytes
 REFERENCE_CACHE_BYTES = 1 << 30
-
-
-class PBRFConvergenceError(RuntimeError):
-    """Adam did not reach the gradient-norm tolerance within max_steps."""
 
 
 @dataclass(frozen=True)
@@ -192,19 +189,11 @@ def _parameter_dampings(
     return out
 
 
-def _fingerprint(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, t in params.items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
 class _Objective:
     """J(δ) = (1/(Nε²)) Σ_i D_i + s (L(z, θ) - L(z, θ_s))/ε + ½ Σ λ ‖δ‖², θ = θ_s + εδ, vmapped over runs."""
 
     def __init__(self, model, task, train, params, dampings, epsilon, batch_size, divergence, device) -> None:
-        self.module = _TaskModule(model, task)
+        self.module = TaskModule(model, task)
         self.task = task
         self.theta = {f"model.{n}": p for n, p in params.items()}
         self.lam = {f"model.{n}": lam for n, lam in dampings.items()}
@@ -220,7 +209,7 @@ class _Objective:
             self._refs = [first] + [self._reference(c) for c in self.chunks[1:]]
 
     def _collate(self, examples) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in self.task.collate(list(examples)).items()}
+        return collate_to(self.task, list(examples), self.device)
 
     def outputs(self, delta: Params, batch) -> torch.Tensor:
         theta = {k: t + self.eps * delta[k] for k, t in self.theta.items()}
@@ -341,7 +330,7 @@ def pbrf_influence(
         "damping": dampings,
         "num_train": N,
         "num_queries": len(queries),
-        "fingerprint": _fingerprint(params),
+        "fingerprint": tensors_fingerprint(params.items()),
         "divergence": None if divergence is None else getattr(divergence, "__qualname__", repr(divergence)),
     }))
     out_dir = Path(output_dir) if output_dir is not None else None
@@ -361,7 +350,7 @@ def pbrf_influence(
     with eval_mode(model), torch.no_grad():
         if pending:
             obj = _Objective(model, task, train, params, dampings, config.epsilon, config.batch_size, divergence, device)
-            q_batch = {k: v.to(device) for k, v in task.collate(queries).items()}
+            q_batch = collate_to(task, queries, device)
 
             def measure(delta: Params) -> torch.Tensor:
                 return task.measurement(obj.outputs(delta, q_batch), q_batch)
@@ -373,7 +362,7 @@ def pbrf_influence(
             for start in range(0, len(pending), config.points_per_batch):
                 group = pending[start : start + config.points_per_batch]
                 runs = [(i, s) for i in group for s in signs_per_point]
-                z = {k: v.to(device) for k, v in task.collate([train[i] for i, _ in runs]).items()}
+                z = collate_to(task, [train[i] for i, _ in runs], device)
                 signs = torch.tensor([s for _, s in runs], dtype=next(iter(params.values())).dtype, device=device)
                 delta, conv, steps, rel = solve(obj, z, signs, obj.z_losses(z), config)
                 with torch.no_grad():

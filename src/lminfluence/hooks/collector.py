@@ -8,16 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import TrackingError
 from .modules import layer_info
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision models (their statistics would overflow or lose the tail), else as is."""
     return torch.promote_types(dtype, torch.float32)
-
-
-class TrackingError(RuntimeError):
-    """A tracked layer was used in a way influence tracking cannot follow."""
 
 
 @dataclass

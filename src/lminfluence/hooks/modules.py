@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -20,6 +19,11 @@ MLP_NAMES = frozenset({"mlp", "feed_forward", "ffn", "mlp_block", "dense_mlp"})
 ATTENTION_NAMES = frozenset({"attn", "self_attn", "attention", "self_attention", "cross_attn"})
 PRESETS = {"mlp": MLP_NAMES, "attention": ATTENTION_NAMES}
 _INDEX = re.compile(r"^\d+$")
+
+
+def _key(module: str, leaf: str) -> str:
+    """A parameter's qualified name ("weight" for the module itself)."""
+    return f"{module}.{leaf}" if module else leaf
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,22 @@ class LayerInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_params(self, name: str, wbar: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Split W̄ [..., O, I] into the module's parameters by qualified name (Conv1D stores its weight [in, O])."""
+        w = wbar[..., : self.in_features]  # [..., O, in]
+        out = {_key(prefix + name, "weight"): w.transpose(-1, -2) if self.kind == "conv1d" else w}
+        if self.bias:
+            out[_key(prefix + name, "bias")] = wbar[..., self.in_features]  # [..., O]
+        return out
+
+    def from_params(self, name: str, params: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """The inverse of ``to_params``: the module's parameters as W̄ [..., O, I]."""
+        w = params[_key(prefix + name, "weight")]
+        w = w.transpose(-1, -2) if self.kind == "conv1d" else w
+        if self.bias:
+            w = torch.cat([w, params[_key(prefix + name, "bias")].unsqueeze(-1)], dim=-1)
+        return w
+
 
 def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
@@ -60,11 +80,7 @@ def layer_info(module: nn.Module) -> LayerInfo:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """W̄ as an [O, I] matrix, the bias as its last column (a view-free copy)."""
-    info = layer_info(module)
-    w = module.weight.t() if info.kind == "conv1d" else module.weight  # [O, in]
-    if info.bias:
-        w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
-    return w.detach().clone()
+    return layer_info(module).from_params("", dict(module.named_parameters())).detach().clone()
 
 
 def _in_block(name: str, block_names: frozenset[str]) -> bool:
@@ -112,15 +128,4 @@ def resolve_modules(model: nn.Module, patterns: Sequence[str] | None) -> dict[st
     return {n: m for n, m in candidates.items() if n in chosen}
 
 
-def fingerprint(modules: dict[str, nn.Module]) -> str:
-    """A hash of the tracked layers' names, shapes and weights (as float32), dtype-independent."""
-    h = hashlib.sha256()
-    for name, module in modules.items():
-        w = weight_matrix(module).to(device="cpu", dtype=torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(w.shape)).encode())
-        h.update(w.numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-__all__ = ["LayerInfo", "is_supported", "layer_info", "weight_matrix", "resolve_modules", "fingerprint", "PRESETS"]
+__all__ = ["LayerInfo", "is_supported", "layer_info", "weight_matrix", "resolve_modules", "PRESETS"]

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ScoreConfig
-from ..curvature.fit import Factors, tracked_modules
-from ..curvature.math import low_rank, sequence_gradients
+from ..curvature.factors import Factors, tracked_modules
 from ..passes import as_reiterable, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores
+from .precondition import make_preconditioner
 
 logger = logging.getLogger(__name__)
 
@@ -49,24 +49,31 @@ class Scores:
         return torch.topk(self.total, min(k, self.total.shape[-1]), dim=-1)
 
 
+def layer_dampings(factors: Factors, config: ScoreConfig) -> dict[str, float]:
+    """λ of every tracked layer: ``config.damping`` or ``damping_scale`` × the layer's mean eigenvalue.
+
+    The identity strategy applies no damping and reports 0 rather than a number that played no part.
+    """
+    if factors.strategy == "identity":
+        return {n: 0.0 for n in factors.layers}
+    return {n: config.damping_for(factors.curvature.mean_eigenvalue(n)) for n in factors.layers}
+
+
 def _setup(model: nn.Module, factors: Factors, config: ScoreConfig, task: Task | None):
     from ..task.causal_lm import CausalLMTask
 
     if not isinstance(config, ScoreConfig):
         raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
     modules = tracked_modules(model, factors)
-    curvature = factors.curvature
-    # identity applies no damping; report 0 rather than a number that played no part
-    dampings = {n: 0.0 if factors.strategy == "identity" else config.damping_for(curvature.mean_eigenvalue(n)) for n in modules}
+    dampings = layer_dampings(factors, config)
     meta = {
         "strategy": factors.strategy,
         "damping": dampings,
         "query_rank": config.query_rank,
         "train_size": factors.num_sequences,
         "scale": SCALE_NOTE,
-        **curvature.describe(),
     }
-    return modules, curvature, dampings, task or CausalLMTask(), meta
+    return modules, dampings, task or CausalLMTask(), meta
 
 
 def precondition_queries(
@@ -76,32 +83,26 @@ def precondition_queries(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    curvature_data: Iterable[Mapping[str, Any]] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, LayerQueries]:
-    """P = (G + λI)⁻¹ ∇g for each query and layer (g = -f), dense or rank-R (Eq 21, §3.2.2)."""
-    return _precondition(model, *_setup(model, factors, config, task)[:4], as_reiterable(queries, "queries"), config)
+    """P = (G + λI)⁻¹ ∇g for each query and layer (g = -f), dense or rank-R (Eq 21, §3.2.2).
 
-
-def _precondition(model, modules, curvature, dampings, task, queries, config) -> dict[str, LayerQueries]:
-    parts: dict[str, list[LayerQueries]] = {n: [] for n in modules}
-    joint: list[dict[str, torch.Tensor]] = []  # query gradients of a joint strategy, preconditioned after the pass
+    Args:
+        curvature_data: the training examples LiSSA draws its Gauss–Newton products from
+            (needed, and only used, with ``strategy="lissa"``).
+        meta: when given, the preconditioner's diagnostics are added to it (LiSSA's α, μ̂_max).
+    """
+    modules, dampings, task, _ = _setup(model, factors, config, task)
+    queries = as_reiterable(queries, "queries")
+    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
-            if curvature.joint:
-                joint.append({n: sequence_gradients(cap.a, cap.ds) for n, cap in bc.captures.items()})
-                continue
-            for name, cap in bc.captures.items():
-                lq = LayerQueries.precondition(curvature, name, cap.a, cap.ds, dampings[name], config.query_rank)
-                parts[name].append(lq)
-    # A joint strategy (LiSSA) runs the model itself, so only once the hooks are gone
-    for grads in joint:
-        for name, p in curvature.precondition_all(grads, dampings, model=model, task=task).items():  # [Q, O, I]
-            rank = config.query_rank
-            if rank is None or rank >= min(p.shape[-2:]):
-                parts[name].append(LayerQueries(dense=p))
-            else:
-                u, s, w = low_rank(p, rank)
-                parts[name].append(LayerQueries(u=u, s=s, v=w))
-    return {n: LayerQueries.concat(ps) for n, ps in parts.items()}
+            pre.add(bc.captures)
+    result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
+    if meta is not None:
+        meta.update(pre.describe())
+    return result
 
 
 def _pad_cat(chunks: list[torch.Tensor], dim_n: int) -> torch.Tensor:
@@ -118,6 +119,7 @@ def compute_scores(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    curvature_data: Iterable[Mapping[str, Any]] | None = None,
 ) -> Scores:
     """Influence of every training sequence on every query, [Q, N] (Eq 25).
 
@@ -125,9 +127,15 @@ def compute_scores(
     batches with one forward and one backward pass each, the backward reaching
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
+    With ``strategy="lissa"`` the Gauss–Newton products are drawn from
+    ``curvature_data`` (default: ``train``).
     """
-    pq = precondition_queries(model, factors, queries, config, task=task)
-    return score_preconditioned(model, factors, pq, train, config, task=task)
+    meta: dict[str, Any] = {}
+    data = train if curvature_data is None else curvature_data
+    pq = precondition_queries(model, factors, queries, config, task=task, curvature_data=data, meta=meta)
+    scores = score_preconditioned(model, factors, pq, train, config, task=task)
+    scores.meta.update(meta)
+    return scores
 
 
 def score_preconditioned(
@@ -145,7 +153,7 @@ def score_preconditioned(
     in chunks (resume, candidate subsets). ``config`` must be the one the
     queries were preconditioned with (damping and rank are baked into them).
     """
-    modules, _, _, task, meta = _setup(model, factors, config, task)
+    modules, _, task, meta = _setup(model, factors, config, task)
     missing = sorted(set(modules) - set(preconditioned))
     if missing:
         raise ValueError(f"preconditioned queries lack tracked layers: {', '.join(missing)}")
@@ -192,7 +200,8 @@ def compute_self_scores(
     """
     if config.per_token:
         raise ValueError("per_token is not defined for self-influence; use per_layer")
-    modules, curvature, dampings, task, meta = _setup(model, factors, config, task)
+    modules, dampings, task, meta = _setup(model, factors, config, task)
+    curvature = factors.curvature
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     with tracking(model, modules) as col:
@@ -211,4 +220,4 @@ def compute_self_scores(
     )
 
 
-__all__ = ["Scores", "compute_scores", "compute_self_scores", "precondition_queries", "score_preconditioned", "SCALE_NOTE"]
+__all__ = ["Scores", "compute_scores", "compute_self_scores", "precondition_queries", "score_preconditioned", "layer_dampings", "SCALE_NOTE"]

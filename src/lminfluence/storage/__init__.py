@@ -1,5 +1,1 @@
-"""Run-directory layout and on-disk formats."""
-
-from .factors import load_factors, save_factors
-
-__all__ = ["load_factors", "save_factors"]
+"""The on-disk layout and atomic writes: a leaf that imports nothing else of lminfluence."""

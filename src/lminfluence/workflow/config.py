@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ALGORITHMS, FISHER_TYPES, STRATEGIES, _check_choice, _check_positive_int
-from ..corpus.readers import InputError
+from ..errors import InputError
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 

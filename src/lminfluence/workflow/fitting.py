@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 from ..config import FactorConfig
-from ..corpus.readers import InputError, read_documents
+from ..corpus.readers import read_documents
+from ..errors import InputError
 from ..corpus.sequences import SequenceStore
-from ..curvature.fit import Factors, fit_factors
+from ..curvature.factors import Factors, load_factors
+from ..curvature.fit import fit_factors
 from ..hooks.modules import resolve_modules
 from ..storage import layout
-from ..storage.factors import load_factors
 from ..task.causal_lm import CausalLMTask
 from .config import RunConfig, ScoreSection
 from .model import check_pairing, load_model, load_tokenizer
@@ -45,10 +46,6 @@ def load_run_factors(rd: RunDir, model, store: SequenceStore) -> Factors:
         factors = load_factors(rd / layout.FACTORS_DIR, model)
     except ValueError as e:
         raise InputError(f"{e} (the model changed since `lminfluence fit`: run it again with --overwrite)") from e
-    if factors.strategy == "lissa":
-        from ..curvature.lissa import attach_data
-
-        attach_data(factors, store)
     return factors
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..corpus.readers import InputError
+from ..errors import InputError
 from .config import ModelSection
 
 logger = logging.getLogger(__name__)

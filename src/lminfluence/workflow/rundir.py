@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..corpus.readers import InputError
+from ..errors import InputError
 from ..storage import layout
 from ..storage.atomic import atomic_write_json, atomic_write_text
 from .config import RunConfig, dump_yaml, read_yaml

@@ -25,11 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ScoreConfig
-from ..corpus.readers import InputError, Query, read_queries
+from ..corpus.readers import Query, read_queries
+from ..errors import InputError
 from ..corpus.sequences import SequenceStore
 from ..filtering.tfidf import TfidfIndex
 from ..scoring.pairwise import precondition_queries, score_preconditioned
 from ..storage import layout
+from ..passes import collate_to
 from ..storage.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ..task.causal_lm import CausalLMTask, examples_from_pairs
 from .config import RunConfig
@@ -131,7 +133,7 @@ def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, mask
         todo = [c for c, _ in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
         if len(todo) < len(chunks):
             logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(todo), len(chunks))
-        pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task) if todo else None
+        pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task, curvature_data=store) if todo else None
         for c, part in chunks:
             name = f"scan-{g:04d}-{c:010d}.npy"
             block = partial.load_npy(name)
@@ -174,7 +176,7 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
                 with np.load(saved) as z:
                     idx, block = z["idx"], z["scores"]
             else:
-                pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task)
+                pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, curvature_data=store)
                 idx = np.unique(np.concatenate([np.concatenate(_ends(first[q], s.rescore_top)) for q in qs]))
                 block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task).total.double().numpy()
                 atomic_write_npz(saved, idx=idx, scores=block)
@@ -188,7 +190,7 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
             name = f"detail-{q:06d}.npz"
             if not partial.path(name).is_file():
                 if pq is None:
-                    pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task)
+                    pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, curvature_data=store)
                 top, bottom = _ends(choice[q], s.top)
                 cols = np.concatenate([top, bottom])
                 one = {n: lq.select([j]) for n, lq in pq.items()}
@@ -221,7 +223,7 @@ def log_probs(model, examples: Sequence[dict], task: CausalLMTask, batch_size: i
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in task.collate(examples[i : i + batch_size]).items()}
+        batch = collate_to(task, examples[i : i + batch_size], device)
         out.append(task.measurement(task.forward(model, batch), batch).double().cpu())
     return torch.cat(out).numpy()
 

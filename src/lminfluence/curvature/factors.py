@@ -1,0 +1,158 @@
+"""Fitted factors: the curvature of one model's tracked layers, its provenance, and its files on disk.
+
+On disk a factors directory holds ``factors.safetensors`` (every tensor) and
+``manifest.json`` (everything else), the manifest written last so that its
+presence marks a finished fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import FactorConfig
+from ..errors import CorruptFileError, StaleError
+from ..fingerprint import model_fingerprint, model_version_key
+from ..hooks.modules import LayerInfo, layer_info, resolve_modules
+from ..storage.atomic import atomic_write, atomic_write_json
+from ..storage.layout import FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE
+from .base import Curvature
+from .strategies import make_curvature
+
+
+@dataclass
+class Factors:
+    """Fitted curvature for a set of tracked layers of one model.
+
+    Attributes:
+        config: the FactorConfig that produced them.
+        curvature: the fitted strategy (holds per-layer tensors).
+        num_tokens: real tokens seen in the fitting pass(es).
+        num_sequences: training sequences seen.
+        fingerprint: hash of the whole model's weights and buffers when it was
+            fitted; scoring a model whose weights differ (any of them: tracked
+            layers, embeddings, attention, norms) is refused.
+        meta: free-form provenance (timings, versions).
+    """
+
+    config: FactorConfig
+    curvature: Curvature
+    num_tokens: int
+    num_sequences: int
+    fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    _verified: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def layers(self) -> dict[str, LayerInfo]:
+        return self.curvature.layers
+
+    @property
+    def strategy(self) -> str:
+        return self.curvature.name
+
+    def save(self, path: str | Path) -> Path:
+        """Write factors.safetensors and manifest.json into the directory ``path``."""
+        return save_factors(self, path)
+
+    def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The tracked modules of ``model``; raises StaleError unless it is the model these factors were fitted on."""
+        named = dict(model.named_modules())
+        missing = [n for n in self.layers if n not in named]
+        if missing:
+            raise StaleError(f"the model has no module(s) {', '.join(missing[:4])} that these factors track")
+        for n, info in self.layers.items():
+            if layer_info(named[n]) != info:
+                raise StaleError(f"module {n!r} is {layer_info(named[n])} in the model but {info} in the factors")
+        key = model_version_key(model)
+        if key != self._verified:  # hash only when a tensor was replaced or modified since the last check
+            fp = model_fingerprint(model)
+            if fp != self.fingerprint:
+                raise StaleError(
+                    f"these factors were fitted on a different model: its weights' fingerprint is {fp} but the "
+                    f"factors were fitted on {self.fingerprint}; refit the factors for this model"
+                )
+            self._verified = key
+        return {n: named[n] for n in self.layers}
+
+
+def tracked_modules(model: nn.Module, factors_or_patterns: Factors | tuple[str, ...] | None) -> dict[str, nn.Module]:
+    """The modules to track: those of ``factors`` (checked against the model) or those the patterns name."""
+    if isinstance(factors_or_patterns, Factors):
+        return factors_or_patterns.check_model(model)
+    return resolve_modules(model, factors_or_patterns)
+
+
+def save_factors(factors: Factors, path: str | Path) -> Path:
+    """Write ``factors`` into the directory ``path`` (tensors first, the manifest last)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in factors.curvature.state_dict().items()}
+    atomic_write(path / FACTORS_FILE, lambda tmp: save_file(tensors, tmp))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "strategy": factors.strategy,
+        "config": factors.config.to_dict(),
+        "layers": {n: info.to_dict() for n, info in factors.layers.items()},
+        "num_tokens": factors.num_tokens,
+        "num_sequences": factors.num_sequences,
+        "fingerprint": factors.fingerprint,
+        "meta": factors.meta,
+    }
+    atomic_write_json(path / MANIFEST_FILE, manifest)  # written last: its presence marks completion
+    return path
+
+
+def load_factors(path: str | Path, model: nn.Module | None = None) -> Factors:
+    """Read factors saved by ``Factors.save``.
+
+    Args:
+        path: the directory holding manifest.json and factors.safetensors.
+        model: when given, refuse factors fitted on a model with other weights (StaleError).
+
+    Raises:
+        FileNotFoundError: no finished factors at ``path``.
+        CorruptFileError: a file is truncated, from another format version, or inconsistent.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no factors at {path}: {MANIFEST_FILE} is missing (was the fit finished?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CorruptFileError(
+                f"{manifest_path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION} "
+                "(written by another lminfluence version): fit the factors again"
+            )
+        layers = {n: LayerInfo(**d) for n, d in manifest["layers"].items()}
+        config = FactorConfig.from_dict(manifest["config"])
+        curvature = make_curvature(manifest["strategy"], layers, config)
+        tensor_path = path / FACTORS_FILE
+        if not tensor_path.is_file():
+            raise FileNotFoundError(f"no factors at {path}: {FACTORS_FILE} is missing next to {MANIFEST_FILE}")
+        curvature.load_state_dict(load_file(str(tensor_path)))
+        factors = Factors(
+            config=config,
+            curvature=curvature,
+            num_tokens=int(manifest["num_tokens"]),
+            num_sequences=int(manifest["num_sequences"]),
+            fingerprint=str(manifest["fingerprint"]),
+            meta=manifest.get("meta", {}),
+        )
+    except CorruptFileError:
+        raise
+    except (json.JSONDecodeError, SafetensorError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptFileError(f"the factors in {path} cannot be read ({type(e).__name__}: {e}); fit them again") from e
+    if model is not None:
+        factors.check_model(model)
+    return factors
+
+
+__all__ = ["Factors", "tracked_modules", "save_factors", "load_factors"]
