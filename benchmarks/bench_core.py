@@ -56,7 +56,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import lminfluence  # noqa: E402
-from lminfluence import FactorConfig, ScoreConfig  # noqa: E402
+from lminfluence import Execution, FactorConfig, ScoreConfig  # noqa: E402
 
 TARGETS = {"fit": 2.5, "score_full": 1.0, "score_rank32": 1.0}
 SEQ_LEN = 128
@@ -178,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     fit_config = FactorConfig(strategy="ekfac", seed=args.seed)
-    full_config = ScoreConfig(query_rank=None, train_batch_size=BATCH, query_batch_size=16)
-    low_config = ScoreConfig(query_rank=args.rank, train_batch_size=BATCH, query_batch_size=16)
+    full_config = ScoreConfig(query_rank=None)
+    low_config = ScoreConfig(query_rank=args.rank)
+    execution = Execution(batch_size=BATCH, query_batch_size=16)
 
     # Warm-up (not timed): one baseline batch, and a one-batch fit + score to load every code path
     # (first-call overheads of eigh, svd, autograd hooks).
     baseline_pass(model, train[:BATCH])
-    warm = lminfluence.fit_factors(model, train[:BATCH], fit_config, batch_size=BATCH)
+    warm = lminfluence.fit_factors(model, train[:BATCH], fit_config, execution=execution)
     for config in (full_config, low_config):
-        lminfluence.compute_scores(model, warm, queries[:2], train[:BATCH], config)
+        lminfluence.compute_scores(model, warm, queries[:2], train[:BATCH], config, execution=execution)
     del warm
     rss = {"after_warmup": peak_rss_mib()}
 
@@ -200,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(rounds):
         first = round_index == 0  # peak RSS is cumulative: attribute it in the first round only
         seed_everything(args.seed)
-        factors, secs = timed(lminfluence.fit_factors, model, train, fit_config, batch_size=BATCH)
+        factors, secs = timed(lminfluence.fit_factors, model, train, fit_config, execution=execution)
         if not times["fit"] or secs < min(times["fit"]):
             fit_passes = dict(factors.meta.get("seconds", {}))
         times["fit"].append(secs)
         if first:
             rss["after_fit"] = peak_rss_mib()
-        scores_full, secs = timed(lminfluence.compute_scores, model, factors, queries, train, full_config)
+        scores_full, secs = timed(lminfluence.compute_scores, model, factors, queries, train, full_config, execution=execution)
         times["score_full"].append(secs)
         if first:
             rss["after_score_full"] = peak_rss_mib()
-        scores_low, secs = timed(lminfluence.compute_scores, model, factors, queries, train, low_config)
+        scores_low, secs = timed(lminfluence.compute_scores, model, factors, queries, train, low_config, execution=execution)
         times["score_rank32"].append(secs)
         if first:
             rss["after_score_rank"] = peak_rss_mib()

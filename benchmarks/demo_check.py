@@ -81,7 +81,7 @@ def paper_word_order(model, factors, tokenizer, queries: list[dict], examples: l
     seqs = [{"input_ids": tokenizer(facts[f]["statement"] + ".")["input_ids"]} for f in ids]
     seqs += [{"input_ids": tokenizer(facts[f]["flipped_statement"] + ".")["input_ids"]} for f in ids]
     rows = [next(k for k, q in enumerate(queries) if q["kind"] == "fact" and q["fact_id"] == f) for f in ids]
-    s = li.compute_scores(model, factors, [examples[k] for k in rows], seqs, li.ScoreConfig(train_batch_size=BATCH)).total
+    s = li.compute_scores(model, factors, [examples[k] for k in rows], seqs, li.ScoreConfig(), execution=li.Execution(batch_size=BATCH)).total
     trained = torch.stack([s[i, i] for i in range(len(ids))])
     flipped = torch.stack([s[i, len(ids) + i] for i in range(len(ids))])
     return {
@@ -105,9 +105,9 @@ def check_seed(seed: int, workdir: Path, strategies: list[str]) -> dict:
     out = {"seed": seed, "build_s": build_s, "sequences": len(train), "facts_greedy": demo.read_manifest()["facts_greedy"]}
     for strategy in strategies:
         t1 = time.perf_counter()
-        factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=BATCH)
+        factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=BATCH))
         t2 = time.perf_counter()
-        scores = li.compute_scores(model, factors, examples, train, li.ScoreConfig(train_batch_size=BATCH))
+        scores = li.compute_scores(model, factors, examples, train, li.ScoreConfig(), execution=li.Execution(batch_size=BATCH))
         t3 = time.perf_counter()
         res = evaluate(scores.total, queries, facts, doc_of)
         res.update(fit_s=t2 - t1, score_s=t3 - t2)

@@ -49,7 +49,7 @@ def test_kfac_and_ekfac_exact_on_deep_linear_network(strategy):
     K-FAC and EK-FAC must both equal the dense GN (bias coordinates included)."""
     model = mlp([4, 5, 3, 1])
     data = regression_data(40, 4)
-    factors = li.fit_factors(model, data, li.FactorConfig(strategy=strategy, modules=["*"]), task=ScalarRegressionTask(), batch_size=7)
+    factors = li.fit_factors(model, data, li.FactorConfig(strategy=strategy, modules=["*"]), task=ScalarRegressionTask(), execution=li.Execution(batch_size=7))
     modules = resolve_modules(model, ["*"])
     blocks = regression_gauss_newton_blocks(model, modules, data)
     for n in modules:
@@ -82,7 +82,7 @@ def test_lambda_equals_definition_from_per_sequence_gradients():
     token covariances A = mean ā āᵀ and S = mean ds dsᵀ."""
     model = tiny_llama()
     train = random_sequences(7)
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy="ekfac", fisher="empirical"), batch_size=3)
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy="ekfac", fisher="empirical"), execution=li.Execution(batch_size=3))
     modules = resolve_modules(model, None)
     grads = loop_gradients(model, modules, train, lm_loss_fn)
     cov_a, cov_s, tokens = _token_covariances(model, modules, train)
@@ -143,7 +143,7 @@ def test_diagonal_is_mean_squared_per_sequence_gradient():
     """diagonal: Λ = mean_n DW_n ⊙ DW_n in the parameter basis (empirical Fisher)."""
     model = tiny_llama()
     train = random_sequences(6)
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy="diagonal", fisher="empirical"), batch_size=4)
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy="diagonal", fisher="empirical"), execution=li.Execution(batch_size=4))
     modules = resolve_modules(model, None)
     grads = loop_gradients(model, modules, train, lm_loss_fn)
     for n in modules:
@@ -192,8 +192,8 @@ def test_sampled_ekfac_approaches_gauss_newton_and_beats_kfac():
     modules = resolve_modules(model, None)
     gn = lm_gauss_newton(model, modules, train)
     repeated = train * 200
-    ek = li.fit_factors(model, repeated, li.FactorConfig(strategy="ekfac"), batch_size=100)
-    k = li.fit_factors(model, repeated, li.FactorConfig(strategy="kfac"), batch_size=100)
+    ek = li.fit_factors(model, repeated, li.FactorConfig(strategy="ekfac"), execution=li.Execution(batch_size=100))
+    k = li.fit_factors(model, repeated, li.FactorConfig(strategy="kfac"), execution=li.Execution(batch_size=100))
     start = 0
     for n in modules:
         info = ek.layers[n]
@@ -295,7 +295,7 @@ def test_kfac_mean_length_scale_is_exact_for_independent_tokens():
     for n in range(9):
         T = int(torch.randint(1, 6, (), generator=g))
         data.append({"x": torch.randn(T, 3, generator=g, dtype=torch.float64), "y": torch.randn(T, generator=g, dtype=torch.float64)})
-    factors = li.fit_factors(model, data, li.FactorConfig(strategy="kfac", modules=["*"]), task=TokenRegressionTask(), batch_size=4)
+    factors = li.fit_factors(model, data, li.FactorConfig(strategy="kfac", modules=["*"]), task=TokenRegressionTask(), execution=li.Execution(batch_size=4))
     modules = resolve_modules(model, ["*"])
     tokens = [{"x": ex["x"][t]} for ex in data for t in range(len(ex["x"]))]
     jac = loop_gradients(model, modules, tokens, lambda m, tok: m(tok["x"].unsqueeze(0)).sum())

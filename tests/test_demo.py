@@ -168,8 +168,8 @@ def planted_fact_retrieval(demo: DemoInputs, strategy: str) -> float:
     queries = [q for q in demo.read_queries() if q["kind"] == "fact"]
     examples = li.examples_from_pairs(tokenizer, [(q["prompt"], q["completion"]) for q in queries])
     facts = {f["id"]: f for f in demo.read_facts()}
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=16)
-    scores = li.compute_scores(model, factors, examples, train, li.ScoreConfig(train_batch_size=16))
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=16))
+    scores = li.compute_scores(model, factors, examples, train, li.ScoreConfig(), execution=li.Execution(batch_size=16))
     hits = [store.doc_id[int(scores.total[k].argmax())] in facts[q["fact_id"]]["doc_ids"] for k, q in enumerate(queries)]
     return sum(hits) / len(hits)
 

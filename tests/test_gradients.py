@@ -95,7 +95,7 @@ def test_model_left_untouched():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train = random_sequences(6)
-    factors = li.fit_factors(model, train, batch_size=3)
+    factors = li.fit_factors(model, train, execution=li.Execution(batch_size=3))
     li.compute_scores(model, factors, random_queries(2), train)
     assert model.training
     after = model.state_dict()

@@ -14,25 +14,25 @@ def setup():
     model = tiny_gpt2()
     train = random_sequences(9)
     queries = random_queries(4)
-    factors = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), batch_size=4)
+    factors = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), execution=li.Execution(batch_size=4))
     return model, train, queries, factors
 
 
 def test_fit_batch_size_invariance(setup):
     """Factors fitted with batch size 1 and 4 are equal (padding masked out of A, S and Λ)."""
     model, train, _, factors = setup
-    other = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), batch_size=1)
+    other = li.fit_factors(model, train, li.FactorConfig(fisher="empirical"), execution=li.Execution(batch_size=1))
     assert other.num_tokens == factors.num_tokens == sum(len(e["input_ids"]) for e in train)
     for n in factors.layers:
         torch.testing.assert_close(other.curvature.state[n]["lambda"], factors.curvature.state[n]["lambda"])
 
 
-@pytest.mark.parametrize("kwargs", [dict(train_batch_size=1), dict(query_batch_size=1), dict(train_batch_size=9, query_batch_size=3)])
+@pytest.mark.parametrize("kwargs", [dict(batch_size=1), dict(query_batch_size=1), dict(batch_size=9, query_batch_size=3)])
 def test_batching_and_query_chunking_invariance(setup, kwargs):
     """Scores do not depend on how training sequences or queries are batched (padding included)."""
     model, train, queries, factors = setup
-    base = li.compute_scores(model, factors, queries, train, li.ScoreConfig(train_batch_size=4, query_batch_size=4))
-    other = li.compute_scores(model, factors, queries, train, li.ScoreConfig(**kwargs))
+    base = li.compute_scores(model, factors, queries, train, execution=li.Execution(batch_size=4, query_batch_size=4))
+    other = li.compute_scores(model, factors, queries, train, execution=li.Execution(**kwargs))
     torch.testing.assert_close(other.total, base.total, rtol=1e-9, atol=1e-12)
 
 
@@ -166,7 +166,7 @@ def test_datasets_dataset_input(setup):
     want = li.compute_scores(model, factors, queries, train).total
     for data in (plain, formatted):
         torch.testing.assert_close(li.compute_scores(model, factors, q, data).total, want)
-    refit = li.fit_factors(model, plain, li.FactorConfig(fisher="empirical"), batch_size=4)
+    refit = li.fit_factors(model, plain, li.FactorConfig(fisher="empirical"), execution=li.Execution(batch_size=4))
     for n in factors.layers:
         torch.testing.assert_close(refit.curvature.state[n]["lambda"], factors.curvature.state[n]["lambda"])
 
@@ -177,13 +177,13 @@ def test_capture_cache_changes_nothing_but_speed():
     small for the whole pass falls back to recomputing."""
     model = tiny_llama()
     train = random_sequences(10)
-    cached = li.fit_factors(model, train, batch_size=3)
-    recomputed = li.fit_factors(model, train, batch_size=3, cache_gib=0)
-    tiny_budget = li.fit_factors(model, train, batch_size=3, cache_gib=1e-6)
+    cached = li.fit_factors(model, train, execution=li.Execution(batch_size=3))
+    recomputed = li.fit_factors(model, train, execution=li.Execution(batch_size=3, cache_gib=0))
+    tiny_budget = li.fit_factors(model, train, execution=li.Execution(batch_size=3, cache_gib=1e-6))
     assert cached.meta["second_pass_replayed"]
     assert not recomputed.meta["second_pass_replayed"] and not tiny_budget.meta["second_pass_replayed"]
     for n in cached.layers:
         for other in (recomputed, tiny_budget):
             assert torch.equal(cached.curvature.state[n]["lambda"], other.curvature.state[n]["lambda"])
     with pytest.raises(ValueError, match="cache_gib"):
-        li.fit_factors(model, train, cache_gib=-1)
+        li.fit_factors(model, train, execution=li.Execution(cache_gib=-1))

@@ -174,7 +174,7 @@ def test_reloaded_lissa_factors_score_as_fresh_ones(tmp_path):
     first = li.compute_scores(model, factors, queries, data, sc, task=task)
     loaded = li.load_factors(tmp_path, model)
     assert loaded.config == cfg
-    again = li.compute_scores(model, loaded, queries, data, li.ScoreConfig(damping_scale=0.5, query_batch_size=1), task=task)
+    again = li.compute_scores(model, loaded, queries, data, li.ScoreConfig(damping_scale=0.5), task=task, execution=li.Execution(query_batch_size=1))
     torch.testing.assert_close(again.total, first.total, rtol=1e-10, atol=1e-12)
     assert again.meta["damping"] == first.meta["damping"]
     with pytest.raises(InputError, match="training data"):

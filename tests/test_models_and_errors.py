@@ -181,7 +181,7 @@ def test_bad_training_data(data, match):
         (li.ScoreConfig, dict(damping_scale=float("nan")), "damping_scale must be"),
         (li.ScoreConfig, dict(query_rank=0), "query_rank"),
         (li.ScoreConfig, dict(per_token=True, algorithm="materialize"), "per_token"),
-        (li.ScoreConfig, dict(train_batch_size=0), "train_batch_size"),
+        (li.Execution, dict(batch_size=0), "batch_size"),
     ],
 )
 def test_config_validation(cls, kwargs, match):

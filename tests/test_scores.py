@@ -47,8 +47,8 @@ def test_scores_equal_dense_inverse_on_gpt2(strategy):
     model = tiny_gpt2()
     train = random_sequences(6)
     queries = random_queries(3)
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=4)
-    scores = li.compute_scores(model, factors, queries, train, li.ScoreConfig(train_batch_size=4))
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=4))
+    scores = li.compute_scores(model, factors, queries, train, li.ScoreConfig(), execution=li.Execution(batch_size=4))
     if strategy == "identity":
         modules = resolve_modules(model, None)
         q = loop_gradients(model, modules, queries, neg_logp)
@@ -90,8 +90,8 @@ def test_self_influence_equals_dense_quadratic_form(strategy):
     per layer sums to total."""
     model = tiny_gpt2()
     train = random_sequences(5)
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), batch_size=5)
-    self_scores = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True, train_batch_size=2))
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=5))
+    self_scores = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True), execution=li.Execution(batch_size=2))
     modules = resolve_modules(model, None)
     grads = loop_gradients(model, modules, train, lm_loss_fn)
     want = torch.zeros(len(train), dtype=torch.float64)
@@ -119,7 +119,7 @@ def test_per_token_scores_equal_dense_preconditioned_dot_per_position():
     train = random_sequences(4)
     query = random_queries(1)
     factors = li.fit_factors(model, train)
-    scores = li.compute_scores(model, factors, query, train, li.ScoreConfig(per_token=True, train_batch_size=3))
+    scores = li.compute_scores(model, factors, query, train, li.ScoreConfig(per_token=True), execution=li.Execution(batch_size=3))
     modules = resolve_modules(model, None)
     qg = loop_gradients(model, modules, query, neg_logp)[0]
     want = torch.zeros(len(train), scores.per_token.shape[-1], dtype=torch.float64)
@@ -145,7 +145,7 @@ def test_precondition_queries_is_the_dense_solve_of_each_query_gradient():
     train = random_sequences(5)
     queries = random_queries(3)
     factors = li.fit_factors(model, train)
-    pq = precondition_queries(model, factors, queries, li.ScoreConfig(query_batch_size=2))
+    pq = precondition_queries(model, factors, queries, li.ScoreConfig(), execution=li.Execution(query_batch_size=2))
     modules = resolve_modules(model, None)
     grads = loop_gradients(model, modules, queries, neg_logp)
     for n in modules:

@@ -47,7 +47,7 @@ def trained():
         labels = e["input_ids"].clone()
         labels[:24] = -100
         queries.append({"input_ids": e["input_ids"], "labels": labels})
-    factors = li.fit_factors(model, train, batch_size=32)
+    factors = li.fit_factors(model, train, execution=li.Execution(batch_size=32))
     return model, train, queries, factors
 
 
@@ -55,8 +55,8 @@ def test_rank_32_queries_keep_the_ranking(trained):
     """Rank-32 factorised queries (layers 64×128, so truly truncated) keep Spearman ≥ 0.9
     with full-rank scores for every query (the paper's query-batching claim)."""
     model, train, queries, factors = trained
-    full = li.compute_scores(model, factors, queries, train, li.ScoreConfig(train_batch_size=32))
-    low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=32, train_batch_size=32))
+    full = li.compute_scores(model, factors, queries, train, execution=li.Execution(batch_size=32))
+    low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=32), execution=li.Execution(batch_size=32))
     rhos = [spearman(low.total[q], full.total[q]) for q in range(len(queries))]
     assert min(rhos) >= 0.9, rhos
     assert not torch.allclose(low.total, full.total)  # the truncation is real
@@ -91,7 +91,7 @@ def test_sign_top_sequence_raises_log_prob_more_than_bottom(trained):
     """Positive = helps: one small training step on the EK-FAC top-scored sequence raises
     the query's log p(completion) more than a step on the bottom-scored one, for every query."""
     model, train, queries, factors = trained
-    scores = li.compute_scores(model, factors, queries, train, li.ScoreConfig(train_batch_size=32))
+    scores = li.compute_scores(model, factors, queries, train, execution=li.Execution(batch_size=32))
     for q, query in enumerate(queries):
         base = log_prob(model, query)
         top, bottom = int(scores.total[q].argmax()), int(scores.total[q].argmin())

@@ -102,8 +102,8 @@ def exact_influence(setup: Setup, damping: float, max_iter: int = 500, tol: floa
     finally:
         model.train(was_training)
     pq = {n: LayerQueries(dense=solved[n].to(grads[n].dtype)) for n in solved}
-    cfg = li.ScoreConfig(damping=damping, train_batch_size=setup.batch_size)
-    scores = score_preconditioned(model, factors, pq, setup.train, cfg, task=task)
+    cfg = li.ScoreConfig(damping=damping)
+    scores = score_preconditioned(model, factors, pq, setup.train, cfg, task=task, execution=li.Execution(batch_size=setup.batch_size))
     return {
         "scores": scores.total.double(),
         "iterations": iters,

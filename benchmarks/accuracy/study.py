@@ -113,7 +113,7 @@ def mean_gn_eigenvalue(setup: Setup, seed: int = 0) -> float:
     """
     factors = li.fit_factors(
         setup.model, setup.train, li.FactorConfig(strategy="diagonal", modules=setup.modules, seed=seed),
-        task=setup.task, batch_size=setup.batch_size,
+        task=setup.task, execution=li.Execution(batch_size=setup.batch_size),
     )
     st = factors.curvature.state
     total = sum(float(st[n]["lambda"].sum()) for n in factors.layers)
@@ -139,10 +139,11 @@ def run_estimator(setup: Setup, method: str, damping: float, seed: int = 0) -> d
     # sampled labels: a Monte Carlo estimate of the Fisher's expectation over labels with less noise
     fit_data = setup.train if draws == 1 else list(setup.train) * draws
     start = time.perf_counter()
-    factors = li.fit_factors(setup.model, fit_data, config, task=setup.task, batch_size=setup.batch_size)
+    factors = li.fit_factors(setup.model, fit_data, config, task=setup.task, execution=li.Execution(batch_size=setup.batch_size))
     fitted = time.perf_counter()
-    score_cfg = li.ScoreConfig(damping=damping, train_batch_size=setup.batch_size, query_batch_size=len(setup.queries))
-    scores = li.compute_scores(setup.model, factors, setup.queries, setup.train, score_cfg, task=setup.task)
+    score_cfg = li.ScoreConfig(damping=damping)
+    score_exec = li.Execution(batch_size=setup.batch_size, query_batch_size=len(setup.queries))
+    scores = li.compute_scores(setup.model, factors, setup.queries, setup.train, score_cfg, task=setup.task, execution=score_exec)
     done = time.perf_counter()
     meta = {k: v for k, v in scores.meta.items() if k in ("strategy", "lissa")}
     return {

@@ -6,7 +6,7 @@ up-weighting of a training sequence in the mean training objective:
 positive means the sequence makes the completion more likely.
 """
 
-from .config import FactorConfig, ScoreConfig
+from .config import Execution, FactorConfig, ScoreConfig
 from .curvature.factors import Factors, load_factors
 from .curvature.fit import fit_factors
 from .scoring.pairwise import Scores, compute_scores, compute_self_scores
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FactorConfig",
     "ScoreConfig",
+    "Execution",
     "fit_factors",
     "load_factors",
     "Factors",

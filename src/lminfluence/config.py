@@ -119,8 +119,6 @@ class ScoreConfig(_Serializable):
         algorithm: ``auto`` picks per layer the cheaper of materialising each
             sequence's gradient and the projected per-token contraction;
             ``materialize``/``project`` force one (per_token needs ``project``).
-        train_batch_size: training sequences per forward/backward pass.
-        query_batch_size: queries per gradient pass.
     """
 
     damping_scale: float | None = 0.1
@@ -129,8 +127,6 @@ class ScoreConfig(_Serializable):
     per_layer: bool = False
     per_token: bool = False
     algorithm: str = "auto"
-    train_batch_size: int = 8
-    query_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.damping is not None:
@@ -144,8 +140,6 @@ class ScoreConfig(_Serializable):
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         if self.per_token and self.algorithm == "materialize":
             raise ValueError("per_token scores need algorithm='project' or 'auto', not 'materialize'")
-        _check_positive_int("train_batch_size", self.train_batch_size)
-        _check_positive_int("query_batch_size", self.query_batch_size)
 
     def damping_for(self, mean_eigenvalue: float) -> float:
         """The damping λ of one layer whose mean eigenvalue is given."""
@@ -154,4 +148,26 @@ class ScoreConfig(_Serializable):
         return float(self.damping_scale) * float(mean_eigenvalue)  # type: ignore[arg-type]
 
 
-__all__ = ["FactorConfig", "ScoreConfig", "STRATEGIES", "FISHER_TYPES", "ALGORITHMS"]
+@dataclass(frozen=True)
+class Execution(_Serializable):
+    """How fitting and scoring run: sizes of the work done at once. Never changes a result.
+
+    Attributes:
+        batch_size: training sequences per forward/backward pass (fitting and scoring).
+        query_batch_size: queries per gradient pass, and queries scored together at full rank.
+        cache_gib: memory for keeping EK-FAC's first-pass captures so that its second
+            pass replays them instead of running the model again; 0 turns it off.
+    """
+
+    batch_size: int = 8
+    query_batch_size: int = 16
+    cache_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_positive_int("batch_size", self.batch_size)
+        _check_positive_int("query_batch_size", self.query_batch_size)
+        if not (isinstance(self.cache_gib, (int, float)) and not isinstance(self.cache_gib, bool) and self.cache_gib >= 0):
+            raise ValueError(f"cache_gib must be a number ≥ 0, got {self.cache_gib!r}")
+
+
+__all__ = ["FactorConfig", "ScoreConfig", "Execution", "STRATEGIES", "FISHER_TYPES", "ALGORITHMS"]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import FactorConfig
+from ..config import Execution, FactorConfig
 from ..fingerprint import model_fingerprint
 from ..hooks.modules import layer_info, resolve_modules
 from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass, tracking
@@ -71,9 +71,8 @@ def fit_factors(
     config: FactorConfig = FactorConfig(),
     *,
     task: Task | None = None,
-    batch_size: int = 8,
+    execution: Execution = Execution(),
     output_dir: str | Path | None = None,
-    cache_gib: float = 4.0,
 ) -> Factors:
     """Fit the curvature approximation of ``config.strategy`` on ``train``.
 
@@ -87,21 +86,17 @@ def fit_factors(
         train: example dicts (see CausalLMTask); a list or ``datasets.Dataset``.
         config: strategy, Fisher type, tracked modules, seed.
         task: defaults to CausalLMTask().
-        batch_size: sequences per forward/backward pass.
+        execution: batch size and the capture cache (``Execution.cache_gib``: EK-FAC's
+            second pass replays the first pass's captures when they fit; the factors
+            are identical either way).
         output_dir: when given, the factors are also saved there.
-        cache_gib: memory (on the model's device) for keeping the first pass's
-            captured ā and ds, so that EK-FAC's second pass replays them instead of
-            running the model again. When the whole pass does not fit, the second
-            pass recomputes; the factors are identical either way. 0 disables.
     """
     from ..task.causal_lm import CausalLMTask
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(config, FactorConfig):
         raise TypeError(f"config must be a FactorConfig, got {type(config).__name__}")
-    if not cache_gib >= 0:
-        raise ValueError(f"cache_gib must be ≥ 0, got {cache_gib!r}")
+    if not isinstance(execution, Execution):
+        raise TypeError(f"execution must be an Execution, got {type(execution).__name__}")
     task = task or CausalLMTask()
     train = as_reiterable(train, "train")
     modules = resolve_modules(model, config.modules)
@@ -113,7 +108,7 @@ def fit_factors(
     num_tokens = num_sequences = 0
     timings: dict[str, float] = {}
     kind = "sampled" if config.fisher == "sampled" else "true"
-    cache = CaptureCache(cache_gib, num_examples(train)) if len(curvature.passes) > 1 else None
+    cache = CaptureCache(execution.cache_gib, num_examples(train)) if len(curvature.passes) > 1 else None
     with tracking(model, modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
             start = time.perf_counter()
@@ -124,7 +119,7 @@ def fit_factors(
                 # The same seed in every pass: each pass draws the same labels, so a pass
                 # replayed from the cache and a recomputed one give identical statistics.
                 generator = torch.Generator(device=device).manual_seed(config.seed)
-                batches = run_pass(model, task, collector, train, batch_size, kind, generator=generator, desc=f"fit {pass_name}")
+                batches = run_pass(model, task, collector, train, execution.batch_size, kind, generator=generator, desc=f"fit {pass_name}")
             for bc in batches:
                 curvature.accumulate(pass_name, bc.captures)
                 num_tokens += bc.num_tokens

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ScoreConfig
+from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
 from ..passes import as_reiterable, run_pass, tracking
 from ..task.base import Task
@@ -83,6 +83,7 @@ def precondition_queries(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    execution: Execution = Execution(),
     curvature_data: Iterable[Mapping[str, Any]] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, LayerQueries]:
@@ -97,7 +98,7 @@ def precondition_queries(
     queries = as_reiterable(queries, "queries")
     pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, queries, config.query_batch_size, "measurement", desc="queries"):
+        for bc in run_pass(model, task, col, queries, execution.query_batch_size, "measurement", desc="queries"):
             pre.add(bc.captures)
     result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
     if meta is not None:
@@ -119,6 +120,7 @@ def compute_scores(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    execution: Execution = Execution(),
     curvature_data: Iterable[Mapping[str, Any]] | None = None,
 ) -> Scores:
     """Influence of every training sequence on every query, [Q, N] (Eq 25).
@@ -132,8 +134,8 @@ def compute_scores(
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
-    pq = precondition_queries(model, factors, queries, config, task=task, curvature_data=data, meta=meta)
-    scores = score_preconditioned(model, factors, pq, train, config, task=task)
+    pq = precondition_queries(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
+    scores = score_preconditioned(model, factors, pq, train, config, task=task, execution=execution)
     scores.meta.update(meta)
     return scores
 
@@ -146,6 +148,7 @@ def score_preconditioned(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    execution: Execution = Execution(),
 ) -> Scores:
     """Score training sequences against queries already preconditioned by ``precondition_queries``.
 
@@ -162,7 +165,7 @@ def score_preconditioned(
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="score"):
+        for bc in run_pass(model, task, col, train, execution.batch_size, "true", desc="score"):
             batch_total = 0
             batch_tokens = 0
             for name, cap in bc.captures.items():
@@ -192,6 +195,7 @@ def compute_self_scores(
     config: ScoreConfig = ScoreConfig(),
     *,
     task: Task | None = None,
+    execution: Execution = Execution(),
 ) -> Scores:
     """Self-influence ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) of every training sequence, [N].
 
@@ -205,7 +209,7 @@ def compute_self_scores(
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, config.train_batch_size, "true", desc="self-influence"):
+        for bc in run_pass(model, task, col, train, execution.batch_size, "true", desc="self-influence"):
             batch_total = 0
             for name, cap in bc.captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]

@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..config import FactorConfig
+from ..config import Execution, FactorConfig
 from ..corpus.readers import read_documents
 from ..errors import InputError
 from ..corpus.sequences import SequenceStore
@@ -132,9 +132,8 @@ def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True
         store,
         factor_config(config),
         task=CausalLMTask(),
-        batch_size=config.fit.batch_size,
+        execution=Execution(batch_size=config.fit.batch_size, cache_gib=config.fit.cache_gib),
         output_dir=factors_dir,
-        cache_gib=config.fit.cache_gib,
     )
     seconds = time.perf_counter() - t0
     logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(modules), seconds)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ScoreConfig
+from ..config import Execution, ScoreConfig
 from ..corpus.readers import Query, read_queries
 from ..errors import InputError
 from ..corpus.sequences import SequenceStore
@@ -107,9 +107,11 @@ def _score_config(s, rank: int | None, *, details: bool = False) -> ScoreConfig:
         per_layer=details,
         per_token=details,
         algorithm="auto" if details else s.algorithm,
-        train_batch_size=s.batch_size,
-        query_batch_size=s.query_batch_size,
     )
+
+
+def _execution(s) -> Execution:
+    return Execution(batch_size=s.batch_size, query_batch_size=s.query_batch_size)
 
 
 def _groups(n: int, size: int) -> list[np.ndarray]:
@@ -133,12 +135,12 @@ def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, mask
         todo = [c for c, _ in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
         if len(todo) < len(chunks):
             logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(todo), len(chunks))
-        pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task, curvature_data=store) if todo else None
+        pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task, execution=_execution(s), curvature_data=store) if todo else None
         for c, part in chunks:
             name = f"scan-{g:04d}-{c:010d}.npy"
             block = partial.load_npy(name)
             if block is None:
-                block = score_preconditioned(model, factors, pq, store.subset(union[part]), cfg, task=task).total.double().numpy()
+                block = score_preconditioned(model, factors, pq, store.subset(union[part]), cfg, task=task, execution=_execution(s)).total.double().numpy()
                 partial.save_npy(name, block)
             out[np.ix_(qs, part)] = block
             overall.update(len(part))
@@ -176,9 +178,9 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
                 with np.load(saved) as z:
                     idx, block = z["idx"], z["scores"]
             else:
-                pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, curvature_data=store)
+                pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, execution=_execution(s), curvature_data=store)
                 idx = np.unique(np.concatenate([np.concatenate(_ends(first[q], s.rescore_top)) for q in qs]))
-                block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task).total.double().numpy()
+                block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task, execution=_execution(s)).total.double().numpy()
                 atomic_write_npz(saved, idx=idx, scores=block)
             for j, q in enumerate(qs):
                 # this query's own ends only: the group's union must not change what is shown
@@ -190,11 +192,11 @@ def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray
             name = f"detail-{q:06d}.npz"
             if not partial.path(name).is_file():
                 if pq is None:
-                    pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, curvature_data=store)
+                    pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, execution=_execution(s), curvature_data=store)
                 top, bottom = _ends(choice[q], s.top)
                 cols = np.concatenate([top, bottom])
                 one = {n: lq.select([j]) for n, lq in pq.items()}
-                sc = score_preconditioned(model, factors, one, store.subset(union[cols]), detail_cfg, task=task)
+                sc = score_preconditioned(model, factors, one, store.subset(union[cols]), detail_cfg, task=task, execution=_execution(s))
                 arrays = {
                     "cols": cols,
                     "ranks": np.concatenate([np.arange(1, len(top) + 1), -np.arange(1, len(bottom) + 1)]),
