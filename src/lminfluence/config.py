@@ -1,4 +1,10 @@
-"""Validated configuration dataclasses, saved next to every artifact."""
+"""Validated configuration dataclasses, saved next to every artifact.
+
+Each option is defined once, as a field with its help text in the field's
+metadata (``option``): the command line builds its flags and the YAML its
+sections from these fields (``cli/options.py``), so a name, a default or a
+check lives in one place.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
+
+from .errors import ConfigError
 
 Strategy = Literal["identity", "diagonal", "kfac", "ekfac", "lissa"]
 FisherType = Literal["sampled", "empirical"]
@@ -16,19 +24,41 @@ FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with its command-line help; ``flag`` overrides the flag name (default ``--field-name``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+
+
+def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-def _check_positive_int(what: str, value: int | None, allow_none: bool = False) -> None:
+def check_positive_int(what: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
 
 
-class _Serializable:
+def check_number(what: str, value: Any, *, minimum: float = 0.0, strict: bool = False, allow_none: bool = False) -> None:
+    """A finite real number ≥ ``minimum`` (> with ``strict``), not a bool or a string."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"{'>' if strict else '≥'} {minimum:g}"
+        raise ConfigError(f"{what} must be a finite number {bound}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_bool(what: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+
+
+class Serializable:
+    """to_dict / from_dict for a frozen dataclass; unknown keys are refused, naming the known ones."""
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -38,13 +68,13 @@ class _Serializable:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown {cls.__name__} key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         return cls(**data)
 
 
 @dataclass(frozen=True)
-class FactorConfig(_Serializable):
-    """How the curvature (G + λI) is approximated (METHOD.md §3).
+class FactorConfig(Serializable):
+    """How the curvature (G + λI) is approximated (docs/method.md §3).
 
     Attributes:
         strategy: ``identity`` (gradient dot product), ``diagonal``, ``kfac``,
@@ -56,8 +86,7 @@ class FactorConfig(_Serializable):
         modules: which linear layers to track. ``None`` means the MLP layers of
             every block. Each entry is a preset (``"mlp"``, ``"attention"``) or a
             glob over module names (``"model.layers.*.mlp.down_proj"``).
-        seed: seed of the label sampling: a fit is reproducible for the same
-            data, batch size and device. LiSSA also draws its mini-batches from it.
+        seed: seed of the label sampling (and of LiSSA's mini-batches).
         lissa_scale: LiSSA's α in r_j = v + (I - α(G̃ + λI)) r_{j-1} (Eq 10);
             the iteration converges only for α(μ_max + λ) < 2. None picks
             α = 1 / (μ̂_max + λ) from a power iteration on mini-batch
@@ -67,44 +96,43 @@ class FactorConfig(_Serializable):
         lissa_batch_size: training sequences per Gauss–Newton-vector product.
     """
 
-    strategy: str = "ekfac"
-    fisher: str = "sampled"
-    modules: tuple[str, ...] | None = None
-    seed: int = 0
-    lissa_scale: float | None = None
-    lissa_depth: int = 1000
-    lissa_repeats: int = 1
-    lissa_batch_size: int = 8
+    strategy: Strategy = option("ekfac", "curvature approximation: ekfac, kfac, diagonal, identity (gradient dot product) or lissa")
+    fisher: FisherType = option("sampled", "labels of the curvature passes: sampled from the model, or the empirical (true) ones")
+    modules: tuple[str, ...] | None = option(None, "comma-separated presets (mlp, attention) or globs over module names; default mlp")
+    seed: int = option(0, "seed of the sampled labels (and of LiSSA's mini-batches)")
+    lissa_scale: float | None = option(None, "LiSSA's α; default from a power iteration")
+    lissa_depth: int = option(1000, "LiSSA recursion steps")
+    lissa_repeats: int = option(1, "independent LiSSA recursions averaged")
+    lissa_batch_size: int = option(8, "training sequences per Gauss–Newton-vector product of LiSSA")
 
     def __post_init__(self) -> None:
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("fisher", self.fisher, FISHER_TYPES)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("fisher", self.fisher, FISHER_TYPES)
         if isinstance(self.modules, str):
-            object.__setattr__(self, "modules", (self.modules,))
-        elif self.modules is not None:
+            object.__setattr__(self, "modules", tuple(m.strip() for m in self.modules.split(",") if m.strip()) or self.modules)
+        if self.modules is not None:
+            if not isinstance(self.modules, (list, tuple)):
+                raise ConfigError(f"modules must be a list of names or patterns, got {self.modules!r}")
             mods = tuple(self.modules)
             if not mods or not all(isinstance(m, str) and m for m in mods):
-                raise ValueError(f"modules must be non-empty strings, got {self.modules!r}")
+                raise ConfigError(f"modules must be non-empty strings, got {self.modules!r}")
             object.__setattr__(self, "modules", mods)
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.lissa_scale is not None and not (
-            isinstance(self.lissa_scale, (int, float)) and math.isfinite(self.lissa_scale) and self.lissa_scale > 0
-        ):
-            raise ValueError(f"lissa_scale must be a finite number > 0 or None (automatic), got {self.lissa_scale!r}")
-        _check_positive_int("lissa_depth", self.lissa_depth)
-        _check_positive_int("lissa_repeats", self.lissa_repeats)
-        _check_positive_int("lissa_batch_size", self.lissa_batch_size)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_number("lissa_scale", self.lissa_scale, strict=True, allow_none=True)
+        check_positive_int("lissa_depth", self.lissa_depth)
+        check_positive_int("lissa_repeats", self.lissa_repeats)
+        check_positive_int("lissa_batch_size", self.lissa_batch_size)
         if self.strategy == "lissa" and self.fisher != "sampled":
-            raise ValueError(
+            raise ConfigError(
                 "strategy='lissa' uses exact Gauss–Newton-vector products; fisher='empirical' does not apply "
                 "(leave fisher='sampled')"
             )
 
 
 @dataclass(frozen=True)
-class ScoreConfig(_Serializable):
-    """How queries are preconditioned and training sequences scored (METHOD.md §4–5).
+class ScoreConfig(Serializable):
+    """How queries are preconditioned and training sequences scored (docs/method.md §4–5).
 
     Attributes:
         damping_scale: relative damping: λ = damping_scale × mean eigenvalue,
@@ -121,25 +149,26 @@ class ScoreConfig(_Serializable):
             ``materialize``/``project`` force one (per_token needs ``project``).
     """
 
-    damping_scale: float | None = 0.1
-    damping: float | None = None
-    query_rank: int | None = None
-    per_layer: bool = False
-    per_token: bool = False
-    algorithm: str = "auto"
+    damping_scale: float | None = option(0.1, "relative damping: λ = scale × mean eigenvalue, per layer")
+    damping: float | None = option(None, "absolute damping λ for every layer, overriding --damping-scale")
+    query_rank: int | None = option(None, "rank-R query batching (the paper uses 32); default full rank", flag="--rank")
+    per_layer: bool = option(False, "also return per-layer scores", cli=False)
+    per_token: bool = option(False, "also return per-token scores", cli=False)
+    algorithm: Algorithm = option("auto", "contraction: auto, materialize or project (the cheaper one per layer by default)")
 
     def __post_init__(self) -> None:
         if self.damping is not None:
-            if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
-                raise ValueError(f"damping must be a finite number ≥ 0, got {self.damping!r}")
+            check_number("damping", self.damping)
         elif self.damping_scale is None:
-            raise ValueError("give either damping_scale (relative) or damping (absolute)")
-        elif not (math.isfinite(self.damping_scale) and self.damping_scale >= 0):
-            raise ValueError(f"damping_scale must be a finite number ≥ 0, got {self.damping_scale!r}")
-        _check_positive_int("query_rank", self.query_rank, allow_none=True)
-        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+            raise ConfigError("give either damping_scale (relative) or damping (absolute)")
+        else:
+            check_number("damping_scale", self.damping_scale)
+        check_positive_int("query_rank", self.query_rank, allow_none=True)
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_bool("per_layer", self.per_layer)
+        check_bool("per_token", self.per_token)
         if self.per_token and self.algorithm == "materialize":
-            raise ValueError("per_token scores need algorithm='project' or 'auto', not 'materialize'")
+            raise ConfigError("per_token scores need algorithm='project' or 'auto', not 'materialize'")
 
     def damping_for(self, mean_eigenvalue: float) -> float:
         """The damping λ of one layer whose mean eigenvalue is given."""
@@ -149,7 +178,7 @@ class ScoreConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class Execution(_Serializable):
+class Execution(Serializable):
     """How fitting and scoring run: sizes of the work done at once. Never changes a result.
 
     Attributes:
@@ -159,15 +188,27 @@ class Execution(_Serializable):
             pass replays them instead of running the model again; 0 turns it off.
     """
 
-    batch_size: int = 8
-    query_batch_size: int = 16
-    cache_gib: float = 4.0
+    batch_size: int = option(8, "training sequences per forward/backward pass")
+    query_batch_size: int = option(16, "queries per gradient pass, and per group scored at full rank")
+    cache_gib: float = option(4.0, "memory for replaying EK-FAC's first pass in its second (0 = off)")
 
     def __post_init__(self) -> None:
-        _check_positive_int("batch_size", self.batch_size)
-        _check_positive_int("query_batch_size", self.query_batch_size)
-        if not (isinstance(self.cache_gib, (int, float)) and not isinstance(self.cache_gib, bool) and self.cache_gib >= 0):
-            raise ValueError(f"cache_gib must be a number ≥ 0, got {self.cache_gib!r}")
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("query_batch_size", self.query_batch_size)
+        check_number("cache_gib", self.cache_gib)
 
 
-__all__ = ["FactorConfig", "ScoreConfig", "Execution", "STRATEGIES", "FISHER_TYPES", "ALGORITHMS"]
+__all__ = [
+    "FactorConfig",
+    "ScoreConfig",
+    "Execution",
+    "Serializable",
+    "option",
+    "STRATEGIES",
+    "FISHER_TYPES",
+    "ALGORITHMS",
+    "check_choice",
+    "check_positive_int",
+    "check_number",
+    "check_bool",
+]

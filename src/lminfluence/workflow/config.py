@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ALGORITHMS, FISHER_TYPES, STRATEGIES, _check_choice, _check_positive_int
+from ..config import ALGORITHMS, FISHER_TYPES, STRATEGIES, check_choice, check_positive_int
 from ..errors import InputError
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
@@ -53,7 +53,7 @@ class ModelSection(_Section):
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("model.path is required (--model)")
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.dtype", self.dtype, DTYPES)
         path = Path(self.path).expanduser()
         gguf = self.gguf_file
         if gguf is None and path.suffix == ".gguf":  # a .gguf file given as the model: split folder and file
@@ -74,7 +74,7 @@ class CorpusSection(_Section):
         if not self.path:
             raise ValueError("corpus.path is required (--corpus)")
         object.__setattr__(self, "path", _abs(self.path))
-        _check_positive_int("corpus.max_length", self.max_length)
+        check_positive_int("corpus.max_length", self.max_length)
         if self.max_length < 2:
             raise ValueError("corpus.max_length must be ≥ 2")
 
@@ -93,13 +93,13 @@ class FitSection(_Section):
     lissa_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        _check_choice("fit.strategy", self.strategy, STRATEGIES)
-        _check_choice("fit.fisher", self.fisher, FISHER_TYPES)
+        check_choice("fit.strategy", self.strategy, STRATEGIES)
+        check_choice("fit.fisher", self.fisher, FISHER_TYPES)
         if isinstance(self.modules, str):
             object.__setattr__(self, "modules", tuple(m.strip() for m in self.modules.split(",") if m.strip()))
         elif self.modules is not None:
             object.__setattr__(self, "modules", tuple(self.modules))
-        _check_positive_int("fit.batch_size", self.batch_size)
+        check_positive_int("fit.batch_size", self.batch_size)
         if not (isinstance(self.cache_gib, (int, float)) and self.cache_gib >= 0):
             raise ValueError(f"fit.cache_gib must be ≥ 0, got {self.cache_gib!r}")
 
@@ -125,13 +125,13 @@ class ScoreSection(_Section):
         if not self.queries:
             raise ValueError("score.queries is required (--queries)")
         object.__setattr__(self, "queries", _abs(self.queries))
-        _check_positive_int("score.candidates", self.candidates, allow_none=True)
-        _check_positive_int("score.rank", self.rank, allow_none=True)
-        _check_positive_int("score.rescore_top", self.rescore_top, allow_none=True)
-        _check_positive_int("score.top", self.top)
+        check_positive_int("score.candidates", self.candidates, allow_none=True)
+        check_positive_int("score.rank", self.rank, allow_none=True)
+        check_positive_int("score.rescore_top", self.rescore_top, allow_none=True)
+        check_positive_int("score.top", self.top)
         for name in ("batch_size", "query_batch_size", "chunk_size"):
-            _check_positive_int(f"score.{name}", getattr(self, name))
-        _check_choice("score.algorithm", self.algorithm, ALGORITHMS)
+            check_positive_int(f"score.{name}", getattr(self, name))
+        check_choice("score.algorithm", self.algorithm, ALGORITHMS)
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"score.damping must be a finite number ≥ 0, got {self.damping!r}")
         if self.rescore_top is not None and self.rank is None:
