@@ -174,7 +174,7 @@ def test_rerun_reuses_and_replay_reproduces(inputs, run, tmp_path):
 
 def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
     """A scan killed half-way resumes from its saved chunks and gives the uninterrupted result."""
-    import lminfluence.workflow.scoring as scoring
+    import lminfluence.scoring.two_stage as scoring
 
     other = tmp_path / "run"
     shutil.copytree(run, other)
@@ -193,12 +193,12 @@ def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
     args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "-q", *SCORE_ARGS]
     assert main(args) == 130
     assert not (other / layout.QUERIES_TABLE).exists()
-    assert len(list((other / layout.PARTIAL_DIR).glob("scan-*.npy"))) == 2
+    assert len(list((other / layout.PARTIAL_DIR).glob("scan-*.npz"))) == 2
     calls.clear()
     monkeypatch.setattr(scoring, "score_preconditioned", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert main(args) == 0
     chunks = -(-len(pd.read_parquet(run / layout.MATRIX_TABLE).seq_index.unique()) // 16)
-    assert len(calls) == chunks - 2 + 1 + 3  # the rest of the scan, one re-score, three queries' details
+    assert len(calls) == chunks - 2 + 1  # the rest of the scan and one re-score (the details have a batched pass of their own)
     a, b = tables(run)["top"], tables(other)["top"]
     assert a.seq_index.tolist() == b.seq_index.tolist()
     np.testing.assert_allclose(a.score, b.score, rtol=1e-6)

@@ -24,9 +24,17 @@ FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
-def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
-    """A dataclass field with its command-line help; ``flag`` overrides the flag name (default ``--field-name``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+def option(default: Any, help: str, *, key: str | None = None, flag: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with its command-line help.
+
+    Args:
+        default: the default value.
+        help: one line for ``--help``.
+        key: its name in YAML (default: the field's name).
+        flag: its command-line flag (default: ``--key`` with dashes).
+        cli: False for options that only the Python API offers.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "key": key, "flag": flag, "cli": cli})
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -151,7 +159,7 @@ class ScoreConfig(Serializable):
 
     damping_scale: float | None = option(0.1, "relative damping: λ = scale × mean eigenvalue, per layer")
     damping: float | None = option(None, "absolute damping λ for every layer, overriding --damping-scale")
-    query_rank: int | None = option(None, "rank-R query batching (the paper uses 32); default full rank", flag="--rank")
+    query_rank: int | None = option(None, "rank-R query batching (the paper uses 32); default full rank", key="rank")
     per_layer: bool = option(False, "also return per-layer scores", cli=False)
     per_token: bool = option(False, "also return per-token scores", cli=False)
     algorithm: Algorithm = option("auto", "contraction: auto, materialize or project (the cheaper one per layer by default)")

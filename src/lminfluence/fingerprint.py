@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,14 +29,26 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:32]
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of every parameter and persistent buffer of ``model`` (its whole state_dict)."""
-    return tensors_fingerprint(model.state_dict().items())
-
-
 def model_version_key(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or modified in place (cheap; no hashing)."""
     return tuple((n, t.data_ptr(), t._version) for n, t in model.state_dict(keep_vars=True).items())
+
+
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (version key, fingerprint)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of every parameter and persistent buffer of ``model`` (its whole state_dict).
+
+    Hashed once per state of the model: a later call on unchanged tensors returns the cached value.
+    """
+    key = model_version_key(model)
+    cached = _cache.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fp = tensors_fingerprint(model.state_dict().items())
+    _cache[model] = (key, fp)
+    return fp
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

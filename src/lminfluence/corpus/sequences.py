@@ -16,14 +16,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
+from ..errors import CorruptFileError, InputError
+from ..progress import LogProgress
+from ..progress import progress as progress_bar
 from ..storage.atomic import atomic_write
-from ..storage.layout import SEQUENCES_FILE, TOKENS_FILE
-from ..errors import InputError
+from ..storage.layout import CORPUS_DIR, SEQUENCES_FILE, TOKENS_FILE
 from .readers import Document
 
 TOKENIZE_BATCH = 256
+
+
+class _Silent(LogProgress):
+    """A progress bar that shows nothing (``progress=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "", "", interval=float("inf"))
 
 
 def bos_prefix(tokenizer: Any) -> list[int]:
@@ -96,7 +103,7 @@ class SequenceStore:
         starts: list[int] = []
         ends: list[int] = []
         texts: list[str] = []
-        bar = tqdm(total=len(documents), desc="tokenize", unit="doc", disable=None if progress else True, leave=False)
+        bar = progress_bar(len(documents), "tokenize", "doc") if progress else _Silent()
         for b in range(0, len(documents), TOKENIZE_BATCH):
             batch = documents[b : b + TOKENIZE_BATCH]
             enc = tokenizer([d.text for d in batch], add_special_tokens=False, return_offsets_mapping=True)
@@ -155,25 +162,33 @@ class SequenceStore:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "SequenceStore":
+        import pyarrow as pa
         import pyarrow.parquet as pq
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         run_dir = Path(run_dir)
         if not cls.exists(run_dir):
             raise FileNotFoundError(f"{run_dir} has no tokenized corpus ({SEQUENCES_FILE}); run `lminfluence fit` first")
-        arrays = load_file(str(run_dir / TOKENS_FILE))
-        t = pq.read_table(run_dir / SEQUENCES_FILE)
-        store = cls(
-            ids=arrays["ids"],
-            offsets=arrays["offsets"],
-            doc_id=t.column("doc_id").to_pylist(),
-            chunk=t.column("chunk").to_numpy(),
-            char_start=t.column("char_start").to_numpy(),
-            char_end=t.column("char_end").to_numpy(),
-            text=t.column("text").to_pylist(),
-        )
+        try:
+            arrays = load_file(str(run_dir / TOKENS_FILE))
+            t = pq.read_table(run_dir / SEQUENCES_FILE)
+            store = cls(
+                ids=arrays["ids"],
+                offsets=arrays["offsets"],
+                doc_id=t.column("doc_id").to_pylist(),
+                chunk=t.column("chunk").to_numpy(),
+                char_start=t.column("char_start").to_numpy(),
+                char_end=t.column("char_end").to_numpy(),
+                text=t.column("text").to_pylist(),
+            )
+        except (SafetensorError, pa.ArrowException, KeyError, OSError) as e:
+            raise CorruptFileError(
+                f"the tokenized corpus in {run_dir / CORPUS_DIR} cannot be read ({type(e).__name__}: {e}); "
+                "run `lminfluence fit` again with --overwrite"
+            ) from e
         if len(store) != t.num_rows:
-            raise ValueError(f"{run_dir}: {TOKENS_FILE} and {SEQUENCES_FILE} disagree on the number of sequences")
+            raise CorruptFileError(f"{run_dir}: {TOKENS_FILE} and {SEQUENCES_FILE} disagree on the number of sequences; run `lminfluence fit` again with --overwrite")
         return store
 
 

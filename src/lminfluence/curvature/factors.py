@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import FactorConfig
 from ..errors import CorruptFileError, StaleError
-from ..fingerprint import model_fingerprint, model_version_key
+from ..fingerprint import model_fingerprint
 from ..hooks.modules import LayerInfo, layer_info, resolve_modules
 from ..storage.atomic import atomic_write, atomic_write_json
 from ..storage.layout import FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE
@@ -47,7 +47,6 @@ class Factors:
     num_sequences: int
     fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
-    _verified: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def layers(self) -> dict[str, LayerInfo]:
@@ -70,15 +69,12 @@ class Factors:
         for n, info in self.layers.items():
             if layer_info(named[n]) != info:
                 raise StaleError(f"module {n!r} is {layer_info(named[n])} in the model but {info} in the factors")
-        key = model_version_key(model)
-        if key != self._verified:  # hash only when a tensor was replaced or modified since the last check
-            fp = model_fingerprint(model)
-            if fp != self.fingerprint:
-                raise StaleError(
-                    f"these factors were fitted on a different model: its weights' fingerprint is {fp} but the "
-                    f"factors were fitted on {self.fingerprint}; refit the factors for this model"
-                )
-            self._verified = key
+        fp = model_fingerprint(model)  # hashed only when a tensor was replaced or modified since the last call
+        if fp != self.fingerprint:
+            raise StaleError(
+                f"these factors were fitted on a different model: its weights' fingerprint is {fp} but the "
+                f"factors were fitted on {self.fingerprint}; refit the factors for this model"
+            )
         return {n: named[n] for n in self.layers}
 
 

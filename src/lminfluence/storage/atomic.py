@@ -10,14 +10,28 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (mkstemp's own is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in the same folder, then rename it to ``path``."""
+    """Call ``write(tmp)`` on a temporary name in the same folder, then rename it to ``path``.
+
+    The file gets the mode any new file would (the umask decides), so tables meant to be
+    shared are readable by whoever may read the folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,7 +1,7 @@
-"""Orchestration of the command-line stages over a run directory: fit, score (tables), with resume."""
+"""The command-line stages over a run directory: fit, score (tables), with resume and staged outputs."""
 
-from .config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreSection
-from .fitting import run_fit
-from .scoring import run_score
+from .config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreFiles, ScoreSection
+from .fitting import prepare_fit, run_fit
+from .scoring import prepare_score, run_score
 
-__all__ = ["RunConfig", "ModelSection", "CorpusSection", "FitSection", "ScoreSection", "run_fit", "run_score"]
+__all__ = ["RunConfig", "ModelSection", "CorpusSection", "FitSection", "ScoreSection", "ScoreFiles", "run_fit", "run_score", "prepare_fit", "prepare_score"]

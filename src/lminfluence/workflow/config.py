@@ -1,4 +1,11 @@
-"""The configuration of a run: one validated dataclass per section, saved as RUN/config.yaml.
+"""The configuration of a run: the library's dataclasses as YAML sections, saved as RUN/config.yaml.
+
+Sections and what they are made of (every key is a field of one dataclass, with its check):
+
+    model:     ModelSection
+    corpus:    CorpusSection
+    fit:       FactorConfig + Execution (batch_size, cache_gib, …)
+    score:     ScoreConfig + TwoStageConfig + ScoreFiles + Execution (batch_size, query_batch_size, …)
 
 Precedence: defaults < a YAML file (``--config``) < command-line flags. Paths
 are stored absolute, so a saved config replays from any working directory.
@@ -7,53 +14,50 @@ are stored absolute, so a saved config replays from any working directory.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
-from ..config import ALGORITHMS, FISHER_TYPES, STRATEGIES, check_choice, check_positive_int
-from ..errors import InputError
+from ..config import Execution, FactorConfig, ScoreConfig, Serializable, check_bool, check_choice, check_positive_int, option
+from ..errors import ConfigError, InputError
+from ..scoring.two_stage import TwoStageConfig
 
-DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+SECTIONS = ("model", "corpus", "fit", "score")
 
 
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-class _Section:
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+def key_of(f: dataclasses.Field) -> str:
+    """A field's name in YAML."""
+    return f.metadata.get("key") or f.name
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, where: str):
-        data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{where}: {e}") from e
+
+def flag_of(f: dataclasses.Field, overrides: dict[str, str] | None = None) -> str:
+    """A field's command-line flag: a section's override, the field's own, or ``--key``."""
+    key = key_of(f)
+    return (overrides or {}).get(key) or f.metadata.get("flag") or "--" + key.replace("_", "-")
 
 
 @dataclass(frozen=True)
-class ModelSection(_Section):
-    """path: a Hugging Face model folder, or a .gguf file; tokenizer: another folder for it."""
+class ModelSection(Serializable):
+    """Which model: a local Hugging Face folder, or a .gguf file (nothing is downloaded)."""
 
-    path: str = ""
-    gguf_file: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    path: str = option("", "Hugging Face model folder, or a .gguf file", flag="--model")
+    gguf_file: str | None = option(None, "GGUF file name inside --model")
+    tokenizer: str | None = option(None, "tokenizer folder, when not the model's")
+    dtype: Dtype = option("auto", "weights' dtype for computing (auto: as stored; half precision becomes float32 on the CPU)")
+    device: str = option("auto", "cpu, cuda, cuda:1 … (default: cuda when available)")
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("model.path is required (--model)")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("model.path is required (--model)")
         check_choice("model.dtype", self.dtype, DTYPES)
+        if not isinstance(self.device, str):
+            raise ConfigError(f"model.device must be a string, got {self.device!r}")
         path = Path(self.path).expanduser()
         gguf = self.gguf_file
         if gguf is None and path.suffix == ".gguf":  # a .gguf file given as the model: split folder and file
@@ -62,80 +66,125 @@ class ModelSection(_Section):
         object.__setattr__(self, "gguf_file", gguf)
         object.__setattr__(self, "tokenizer", _abs(self.tokenizer))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {key_of(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 @dataclass(frozen=True)
-class CorpusSection(_Section):
-    path: str = ""
-    text_field: str = "text"
-    id_field: str = "id"
-    max_length: int = 512
+class CorpusSection(Serializable):
+    """Which training documents, and how they are cut into sequences."""
+
+    path: str = option("", "JSON Lines, text file or folder, Parquet, or a saved `datasets` dataset", flag="--corpus")
+    text_field: str = option("text", "field/column holding the text")
+    id_field: str = option("id", "field/column holding the document id")
+    max_length: int = option(512, "tokens per training sequence (documents are cut, never joined)")
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("corpus.path is required (--corpus)")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("corpus.path is required (--corpus)")
         object.__setattr__(self, "path", _abs(self.path))
         check_positive_int("corpus.max_length", self.max_length)
         if self.max_length < 2:
-            raise ValueError("corpus.max_length must be ≥ 2")
+            raise ConfigError("corpus.max_length must be ≥ 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key_of(f): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
-class FitSection(_Section):
-    strategy: str = "ekfac"
-    fisher: str = "sampled"
-    modules: tuple[str, ...] | None = None
-    seed: int = 0
-    batch_size: int = 8
-    cache_gib: float = 4.0
-    lissa_scale: float | None = None
-    lissa_depth: int = 1000
-    lissa_repeats: int = 1
-    lissa_batch_size: int = 8
+class ScoreFiles(Serializable):
+    """The score stage's files: the queries read, the matrix written, the unit of resuming."""
+
+    queries: str = option("", "JSON Lines with prompt, completion and optional id, group, language")
+    save_matrix: bool = option(True, "write every scored (query, sequence) pair to scores/matrix.parquet (the analyses need it)")
+    chunk_size: int = option(1024, "sequences per saved chunk of the scan, the unit of resuming")
 
     def __post_init__(self) -> None:
-        check_choice("fit.strategy", self.strategy, STRATEGIES)
-        check_choice("fit.fisher", self.fisher, FISHER_TYPES)
-        if isinstance(self.modules, str):
-            object.__setattr__(self, "modules", tuple(m.strip() for m in self.modules.split(",") if m.strip()))
-        elif self.modules is not None:
-            object.__setattr__(self, "modules", tuple(self.modules))
-        check_positive_int("fit.batch_size", self.batch_size)
-        if not (isinstance(self.cache_gib, (int, float)) and self.cache_gib >= 0):
-            raise ValueError(f"fit.cache_gib must be ≥ 0, got {self.cache_gib!r}")
-
-
-@dataclass(frozen=True)
-class ScoreSection(_Section):
-    """How queries are scored; see `lminfluence score --help` for each option."""
-
-    queries: str = ""
-    candidates: int | None = None
-    rank: int | None = None
-    rescore_top: int | None = None
-    top: int = 10
-    damping_scale: float | None = 0.1
-    damping: float | None = None
-    batch_size: int = 8
-    query_batch_size: int = 16
-    chunk_size: int = 1024
-    algorithm: str = "auto"
-    save_matrix: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.queries:
-            raise ValueError("score.queries is required (--queries)")
+        if not isinstance(self.queries, str) or not self.queries:
+            raise ConfigError("score.queries is required (--queries)")
         object.__setattr__(self, "queries", _abs(self.queries))
-        check_positive_int("score.candidates", self.candidates, allow_none=True)
-        check_positive_int("score.rank", self.rank, allow_none=True)
-        check_positive_int("score.rescore_top", self.rescore_top, allow_none=True)
-        check_positive_int("score.top", self.top)
-        for name in ("batch_size", "query_batch_size", "chunk_size"):
-            check_positive_int(f"score.{name}", getattr(self, name))
-        check_choice("score.algorithm", self.algorithm, ALGORITHMS)
-        if self.damping is not None and not (math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"score.damping must be a finite number ≥ 0, got {self.damping!r}")
-        if self.rescore_top is not None and self.rank is None:
-            raise ValueError("score.rescore_top re-scores a low-rank scan at full rank: it needs score.rank")
+        check_bool("score.save_matrix", self.save_matrix)
+        check_positive_int("score.chunk_size", self.chunk_size)
+
+
+class Composite:
+    """A YAML section made of several dataclasses: each key belongs to exactly one part."""
+
+    # attribute → (dataclass, the fields it contributes, or None for all)
+    PARTS: ClassVar[dict[str, tuple[type, tuple[str, ...] | None]]] = {}
+    # key → the flag it gets, where not ``--key``
+    FLAGS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def fields(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """key → (part attribute, field), in declaration order."""
+        out: dict[str, tuple[str, dataclasses.Field]] = {}
+        for attr, (part, names) in cls.PARTS.items():
+            for f in dataclasses.fields(part):
+                if names is None or f.name in names:
+                    out[key_of(f)] = (attr, f)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for key, (attr, f) in self.fields().items():
+            value = getattr(getattr(self, attr), f.name)
+            out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str):
+        fields = cls.fields()
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+        kwargs: dict[str, dict[str, Any]] = {attr: {} for attr in cls.PARTS}
+        for key, value in data.items():
+            attr, f = fields[key]
+            kwargs[attr][f.name] = value
+        parts = {}
+        for attr, (part, _) in cls.PARTS.items():
+            try:
+                parts[attr] = part(**kwargs[attr])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: {e}") from e
+        return cls(**parts)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class FitSection(Composite):
+    """``fit``: how the curvature is approximated, and how the fit runs."""
+
+    factors: FactorConfig = field(default_factory=FactorConfig)
+    execution: Execution = field(default_factory=Execution)
+
+    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib"))}
+    FLAGS = {"batch_size": "--fit-batch-size"}
+
+
+@dataclass(frozen=True)
+class ScoreSection(Composite):
+    """``score``: the queries, the scoring settings, the two-stage procedure, and how it runs."""
+
+    files: ScoreFiles
+    scoring: ScoreConfig = field(default_factory=ScoreConfig)
+    stages: TwoStageConfig = field(default_factory=TwoStageConfig)
+    execution: Execution = field(default_factory=Execution)
+
+    PARTS = {
+        "files": (ScoreFiles, None),
+        "scoring": (ScoreConfig, None),
+        "stages": (TwoStageConfig, None),
+        "execution": (Execution, ("batch_size", "query_batch_size")),
+    }
+    FLAGS = {"batch_size": "--score-batch-size"}
+
+    def __post_init__(self) -> None:
+        try:
+            self.stages.check(self.scoring)
+        except ConfigError as e:
+            raise ConfigError(f"score: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -149,25 +198,53 @@ class RunConfig:
     score: ScoreSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"run_dir": self.run_dir, "model": self.model.to_dict(), "corpus": self.corpus.to_dict(), "fit": self.fit.to_dict()}
-        if self.score is not None:
-            out["score"] = self.score.to_dict()
+        out: dict[str, Any] = {"run_dir": self.run_dir}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if section is not None:
+                out[name] = section.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
-        unknown = sorted(set(data) - {"run_dir", "model", "corpus", "fit", "score", "report"})
-        if unknown:
-            raise InputError(f"{where}: unknown section(s) {', '.join(unknown)}")
-        if not data.get("run_dir"):
-            raise InputError(f"{where}: run_dir is required (--run-dir)")
+        check_sections(data, where)
+        if not data.get("run_dir") or not isinstance(data["run_dir"], str):
+            raise ConfigError(f"{where}: run_dir is required (--run-dir)")
+
+        def simple(section: type, name: str):
+            try:
+                return section.from_dict(_from_keys(section, data.get(name) or {}))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {name}: {e}") from e
+            except TypeError as e:
+                raise ConfigError(f"{where}: {name}: {e}") from e
+
         return cls(
             run_dir=_abs(data["run_dir"]),  # type: ignore[arg-type]
-            model=ModelSection.from_dict(data.get("model"), f"{where}: model"),
-            corpus=CorpusSection.from_dict(data.get("corpus"), f"{where}: corpus"),
+            model=simple(ModelSection, "model"),
+            corpus=simple(CorpusSection, "corpus"),
             fit=FitSection.from_dict(data.get("fit"), f"{where}: fit"),
             score=ScoreSection.from_dict(data["score"], f"{where}: score") if data.get("score") else None,
         )
+
+
+def check_sections(data: dict[str, Any], where: str) -> None:
+    """Refuse unknown sections (a misspelt ``fitt:``) and sections that are not mappings."""
+    unknown = sorted(set(data) - {"run_dir", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: run_dir, {', '.join(SECTIONS)})")
+    for name in SECTIONS:
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise ConfigError(f"{where}: section {name!r} must be a mapping of options, got {type(data[name]).__name__}")
+
+
+def _from_keys(section: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A simple section's keys (``model``, ``corpus`` for path) back to field names; unknown keys are refused."""
+    names = {key_of(f): f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    return {names[k]: v for k, v in data.items()}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -178,17 +255,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"config file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"config file {p} is not valid YAML: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
-        raise InputError(f"config file {p} must hold a mapping of sections (model, corpus, fit, score)")
+        raise InputError(f"config file {p} must hold a mapping of sections (run_dir, {', '.join(SECTIONS)})")
     return data
 
 
 def dump_yaml(config: RunConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -204,4 +281,20 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ModelSection", "CorpusSection", "FitSection", "ScoreSection", "RunConfig", "read_yaml", "dump_yaml", "merge", "DTYPES"]
+__all__ = [
+    "ModelSection",
+    "CorpusSection",
+    "FitSection",
+    "ScoreSection",
+    "ScoreFiles",
+    "RunConfig",
+    "Composite",
+    "read_yaml",
+    "check_sections",
+    "dump_yaml",
+    "merge",
+    "key_of",
+    "flag_of",
+    "DTYPES",
+    "SECTIONS",
+]

@@ -1,152 +1,176 @@
-"""The fit stage: corpus → training sequences (with provenance) → curvature factors, in a run directory."""
+"""The fit stage: corpus → training sequences (with provenance) → curvature factors, in a run directory.
+
+``prepare_fit`` checks every input and decides whether a finished fit can be
+reused, writing nothing; ``execute_fit`` tokenizes and fits into the staging
+area and commits both outputs at once. ``run_fit`` does both under the run
+directory's lock.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..config import Execution, FactorConfig
+from torch import nn
+
 from ..corpus.readers import read_documents
-from ..errors import InputError
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors, load_factors
 from ..curvature.fit import fit_factors
+from ..errors import InputError, StaleError
+from ..fingerprint import model_fingerprint, tokenizer_fingerprint
 from ..hooks.modules import resolve_modules
 from ..storage import layout
 from ..task.causal_lm import CausalLMTask
-from .config import RunConfig, ScoreSection
+from .config import RunConfig
 from .model import check_pairing, load_model, load_tokenizer
-from .rundir import RunDir, file_stamp, now, versions
+from .rundir import RunDir, digest, file_stamp, versions
 
 logger = logging.getLogger(__name__)
 
 
-def factor_config(config: RunConfig) -> FactorConfig:
-    f = config.fit
-    try:
-        return FactorConfig(
-            strategy=f.strategy,
-            fisher=f.fisher,
-            modules=f.modules,
-            seed=f.seed,
-            lissa_scale=f.lissa_scale,
-            lissa_depth=f.lissa_depth,
-            lissa_repeats=f.lissa_repeats,
-            lissa_batch_size=f.lissa_batch_size,
-        )
-    except ValueError as e:
-        raise InputError(f"fit: {e}") from e
+@dataclass
+class FitPlan:
+    """A checked fit: its inputs loaded, its identity computed, and whether a finished one is reused."""
+
+    config: RunConfig
+    rd: RunDir
+    tokenizer: Any
+    model: nn.Module
+    modules: dict[str, nn.Module]
+    key: str
+    fingerprints: dict[str, str]
+    reuse: bool
+    store: SequenceStore | None = None  # tokenized already (None: reused, or resumed from the staging area)
+    num_documents: int = 0
 
 
-def load_run_factors(rd: RunDir, model, store: SequenceStore) -> Factors:
-    """The run's factors, verified against the model; LiSSA gets its training data back."""
-    try:
-        factors = load_factors(rd / layout.FACTORS_DIR, model)
-    except ValueError as e:
-        raise InputError(f"{e} (the model changed since `lminfluence fit`: run it again with --overwrite)") from e
-    return factors
+def _section_key(config: RunConfig) -> dict[str, Any]:
+    """What the fit's results depend on among the settings (execution settings change nothing)."""
+    return {"model": config.model.to_dict(), "corpus": config.corpus.to_dict(), "fit": config.fit.factors.to_dict()}
 
 
-def model_stamp(section) -> str:
-    """Stamp of the model's files (weights, config, tokenizer), to notice a model replaced in place."""
-    path = Path(section.path)
-    files = [path / section.gguf_file] if section.gguf_file else [f for f in path.iterdir() if f.is_file()]
-    if section.tokenizer:
-        files.append(Path(section.tokenizer))
-    return file_stamp(*files)
+def prepare_fit(config: RunConfig, *, overwrite: bool = False, replace_changed: bool = False) -> FitPlan:
+    """Check every input of a fit and compare it with what the run directory holds; nothing is written.
 
-
-def check_modules(model, patterns) -> dict:
-    try:
-        return resolve_modules(model, patterns)
-    except (ValueError, KeyError) as e:
-        raise InputError(f"fit.modules: {e}") from e
-
-
-def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[RunDir, Factors]:
-    """Tokenize the corpus and fit the factors; a finished stage of the same run is reused, not redone.
-
-    Every input is checked (and the corpus tokenized) before the run directory is touched.
+    A finished fit of the same run is reused. One of another run is refused, unless
+    ``overwrite`` (always recompute) or ``replace_changed`` (recompute only what changed).
     """
     rd = RunDir(config.run_dir)
+    rd.check_usable(overwrite=overwrite)
     if not Path(config.corpus.path).exists():
         raise InputError(f"corpus {config.corpus.path} does not exist")
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     check_pairing(model, tokenizer, config.corpus.max_length)
-    factor_config(config)  # validates the combination before anything is written
-    modules = check_modules(model, config.fit.modules)
-    inputs = {"corpus": file_stamp(config.corpus.path), "model": model_stamp(config.model)}
-    saved = rd.saved_config()
-    reuse = (
-        not overwrite
-        and saved is not None
-        and all(saved.get(k) == v for k, v in config.to_dict().items() if k in ("model", "corpus"))
-        and (rd.manifest().get("inputs") or {}).get("fit") == inputs
-        and SequenceStore.exists(rd.path)
-    )
-    store = None
-    if not reuse:
-        documents = read_documents(config.corpus.path, text_field=config.corpus.text_field, id_field=config.corpus.id_field)
-        t0 = time.perf_counter()
-        store = SequenceStore.build(documents, tokenizer, config.corpus.max_length, progress=progress)
-        seconds = time.perf_counter() - t0
-    # the fit stage saves its own sections; the score section stays what the last scoring used (the score stage checks it)
-    kept = ScoreSection.from_dict(saved["score"], "saved score") if saved and saved.get("score") and not overwrite else None
-    rd.prepare("fit", RunConfig(config.run_dir, config.model, config.corpus, config.fit, kept), overwrite=overwrite, inputs=inputs)
+    try:
+        modules = resolve_modules(model, config.fit.factors.modules)
+    except ValueError as e:
+        raise InputError(f"fit.modules: {e}") from e
+    fingerprints = {
+        "model": model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "corpus": file_stamp(config.corpus.path),
+    }
+    key = digest(_section_key(config), fingerprints)
+    finished = rd.finished("fit") if rd.is_run() else None
+    reuse = False
+    if finished is not None and not overwrite:
+        if finished.get("key") == key and (rd / layout.FACTORS_DIR / layout.MANIFEST_FILE).is_file():
+            reuse = True
+        elif not replace_changed:
+            recorded = finished.get("inputs") or {}
+            diffs = rd.differences("fit", config)
+            diffs += [f"{name} changed on disk" if name == "corpus" else f"{name} changed" for name, fp in fingerprints.items() if recorded.get(name) != fp]
+            raise InputError(
+                f"{rd.path} already holds a different run ({'; '.join(diffs[:4]) or 'other inputs'}); "
+                "choose another --run-dir, or pass --overwrite to replace its results"
+            )
+    plan = FitPlan(config, rd, tokenizer, model, modules, key, fingerprints, reuse)
+    if not reuse and not _staged_corpus(rd, key):  # read and cut the corpus now: its errors come before any write
+        plan.store, plan.num_documents = _tokenize(config, tokenizer)
+    return plan
 
-    if store is not None:
-        store.save(rd.path)
-        logger.info("tokenized %d documents into %d sequences (%d tokens) in %.1fs", len(documents), len(store), int(store.offsets[-1]), seconds)
-        manifest = rd.manifest()
-        for stale in ("fit", "score", "report"):  # a new corpus invalidates what was computed on the old one
-            manifest.pop(stale, None)
-        manifest.update(
-            versions=versions(),
-            corpus={
-                "path": config.corpus.path,
-                "digest": store.digest(),
-                "num_documents": len(documents),
-                "num_sequences": len(store),
-                "num_tokens": int(store.offsets[-1]),
-                "max_length": config.corpus.max_length,
-            },
-        )
-        rd.write_manifest(manifest)
-        for rel in (layout.FACTORS_DIR, layout.SCORES_DIR, layout.REPORT_DIR, layout.TFIDF_FILE):
-            target = rd / rel
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    else:
-        store = SequenceStore.load(rd.path)
-        logger.info("reusing the tokenized corpus in %s (%d sequences)", rd / layout.CORPUS_DIR, len(store))
 
-    factors_dir = rd / layout.FACTORS_DIR
-    if rd.finished("fit") and (factors_dir / layout.MANIFEST_FILE).is_file():
-        logger.info("reusing the factors in %s", factors_dir)
-        return rd, load_run_factors(rd, model, store)
+def _staged_corpus(rd: RunDir, key: str) -> bool:
+    """True when an interrupted run of this very fit left its tokenized corpus in the staging area."""
+    root = rd / layout.STAGING_DIR / "fit"
+    try:
+        return json.loads((root / "key.json").read_text()).get("key") == key and SequenceStore.exists(root)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_run_factors(rd: RunDir, model: nn.Module) -> Factors:
+    """The run's factors, verified against the model (StaleError when the model changed since the fit)."""
+    try:
+        return load_factors(rd / layout.FACTORS_DIR, model)
+    except StaleError as e:
+        raise StaleError(f"{e} (the model changed since `lminfluence fit`: fit again with --overwrite)") from e
+
+
+def _tokenize(config: RunConfig, tokenizer: Any) -> tuple[SequenceStore, int]:
+    """The corpus read and cut into sequences (in memory)."""
+    c = config.corpus
+    documents = read_documents(c.path, text_field=c.text_field, id_field=c.id_field)
     t0 = time.perf_counter()
-    factors = fit_factors(
-        model,
-        store,
-        factor_config(config),
-        task=CausalLMTask(),
-        execution=Execution(batch_size=config.fit.batch_size, cache_gib=config.fit.cache_gib),
-        output_dir=factors_dir,
-    )
+    store = SequenceStore.build(documents, tokenizer, c.max_length)
+    logger.info("tokenized %d documents into %d sequences (%d tokens) in %.1fs", len(documents), len(store), int(store.offsets[-1]), time.perf_counter() - t0)
+    return store, len(documents)
+
+
+def execute_fit(plan: FitPlan, *, progress: bool = True) -> Factors:
+    """Tokenize and fit into the staging area, then commit corpus and factors together (call under ``rd.lock()``)."""
+    rd, config = plan.rd, plan.config
+    if plan.reuse:
+        logger.info("reusing the tokenized corpus and the factors in %s", rd.path)
+        return load_run_factors(rd, plan.model)
+    root = rd.staging("fit", plan.key)
+    if plan.store is None:
+        store = SequenceStore.load(root)
+        num_documents = len(set(store.doc_id))
+        logger.info("resuming: the corpus was tokenized already (%d sequences)", len(store))
+    else:
+        store, num_documents = plan.store, plan.num_documents
+        store.save(root)
+    t0 = time.perf_counter()
+    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=config.fit.execution, output_dir=root / layout.FACTORS_DIR)
     seconds = time.perf_counter() - t0
-    logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(modules), seconds)
-    rd.update_manifest(
+    logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(plan.modules), seconds)
+    rd.commit(
+        "fit",
+        RunConfig(config.run_dir, config.model, config.corpus, config.fit, None),
+        {"key": plan.key, "inputs": plan.fingerprints, "strategy": factors.strategy, "layers": len(factors.layers),
+         "train_size": factors.num_sequences, "seconds": round(seconds, 2)},  # fmt: skip
+        versions=versions(),
         model={
             "path": config.model.path,
             "gguf_file": config.model.gguf_file,
             "fingerprint": factors.fingerprint,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": sum(p.numel() for p in plan.model.parameters()),
         },
-        fit={"strategy": factors.strategy, "layers": len(factors.layers), "train_size": factors.num_sequences, "seconds": round(seconds, 2), "finished": now()},
+        tokenizer={"fingerprint": plan.fingerprints["tokenizer"]},
+        corpus={
+            "path": config.corpus.path,
+            "digest": store.digest(),
+            "num_documents": num_documents,
+            "num_sequences": len(store),
+            "num_tokens": int(store.offsets[-1]),
+            "max_length": config.corpus.max_length,
+        },
     )
-    return rd, factors
+    return factors
 
 
-__all__ = ["run_fit", "factor_config", "check_modules", "load_run_factors"]
+def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[RunDir, Factors]:
+    """Tokenize the corpus and fit the factors; a finished fit of the same run is reused, not redone."""
+    plan = prepare_fit(config, overwrite=overwrite)
+    with plan.rd.lock():
+        return plan.rd, execute_fit(plan, progress=progress)
+
+
+__all__ = ["FitPlan", "prepare_fit", "execute_fit", "run_fit", "load_run_factors"]

@@ -17,6 +17,24 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model or tokenizer raises for damaged, unsupported or refused files."""
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, json.JSONDecodeError, pickle.UnpicklingError, SafetensorError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return (text[:400] + " …") if len(text) > 400 else text or type(error).__name__
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,9 +72,15 @@ def load_tokenizer(section: ModelSection) -> Any:
     source = section.tokenizer or section.path
     kwargs = {"gguf_file": section.gguf_file} if section.gguf_file and section.tokenizer is None else {}
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a tokenizer from {source}: {e}") from e
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except LOAD_ERRORS as e:
+        raise InputError(f"cannot load a tokenizer from {source}: {_one_line(e)}") from e
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise InputError(
+            f"{source} has no usable tokenizer (no tokenizer.json, vocab or merges files: it tokenizes text to nothing); "
+            "give the model's tokenizer folder with --tokenizer"
+        )
+    return tokenizer
 
 
 def load_model(section: ModelSection) -> nn.Module:
@@ -71,8 +95,8 @@ def load_model(section: ModelSection) -> nn.Module:
         kwargs["dtype"] = _DTYPES[section.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(section.path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a causal LM from {section.path}: {e}") from e
+    except LOAD_ERRORS as e:
+        raise InputError(f"cannot load a causal LM from {section.path}: {_one_line(e)}") from e
     if section.dtype == "auto" and model.dtype in (torch.float16, torch.bfloat16) and resolve_device(section.device).type == "cpu":
         logger.info("model stored in %s; computing in float32 on the CPU", model.dtype)
         model = model.float()

@@ -1,59 +1,70 @@
-"""The score stage: queries → (TF-IDF candidates) → low-rank scan → full-rank re-score → details.
+"""The score stage: the library's two-stage procedure (``scoring/two_stage.py``) over a run directory.
 
-1. Candidates (METHOD.md §6): the top K sequences of each query by TF-IDF;
-   the scan scores every query against the union and keeps each query's own.
-2. Scan: queries preconditioned once (rank R when asked: §3.2.2 query
-   batching), training sequences streamed in chunks. Each finished chunk is
-   saved, so a restarted run skips it.
-3. Re-score (the two-stage procedure): each query's top and bottom M at full rank.
-4. Details: per-layer (Eq 30) and per-token (Eq 31) scores of the sequences shown.
+``prepare_score`` checks every input (queries, the model and tokenizer against
+the fit, the tokenized corpus, the factors) and decides whether the finished
+scores are up to date, writing nothing. ``execute_score`` runs the procedure
+with its chunks kept on disk (an interrupted run resumes), writes the tables
+into the staging area and commits them; earlier scores stay in place until then.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
+import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from ..config import Execution, ScoreConfig
 from ..corpus.readers import Query, read_queries
-from ..errors import InputError
 from ..corpus.sequences import SequenceStore
+from ..curvature.factors import Factors
+from ..errors import InputError, StaleError
 from ..filtering.tfidf import TfidfIndex
-from ..scoring.pairwise import precondition_queries, score_preconditioned
+from ..fingerprint import tokenizer_fingerprint
+from ..passes import collate_to, model_device
+from ..scoring.pairwise import layer_dampings
+from ..scoring.two_stage import TwoStageResult, two_stage_scores
 from ..storage import layout
-from ..passes import collate_to
-from ..storage.atomic import atomic_write, atomic_write_json, atomic_write_npz
+from ..storage.atomic import atomic_write, atomic_write_npz
 from ..task.causal_lm import CausalLMTask, examples_from_pairs
 from .config import RunConfig
 from .fitting import load_run_factors
 from .model import context_length, load_model, load_tokenizer
-from .rundir import RunDir, now
+from .rundir import RunDir, digest
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Shown:
-    """The sequences shown for one query with their details."""
+class DiskStore:
+    """A ChunkStore of .npz files in one folder (atomic writes: a file that exists is complete)."""
 
-    indices: np.ndarray  # [n] columns of the scanned union, best first, then the most negative
-    ranks: np.ndarray  # [n] 1..k for the top, -1..-k for the bottom
-    total: np.ndarray  # [n]
-    per_layer: dict[str, np.ndarray]  # layer → [n]
-    per_token: np.ndarray  # [n, T]
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        path = self.root / f"{name}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            logger.warning("ignoring the damaged chunk %s (%s); it is computed again", path, e)
+            return None
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        atomic_write_npz(self.root / f"{name}.npz", **arrays)
 
 
-def query_examples(tokenizer: Any, queries: Sequence[Query], model) -> list[dict]:
+def query_examples(tokenizer: Any, queries: Sequence[Query], model: nn.Module) -> list[dict]:
+    """The queries tokenized (prompt with special tokens, completion without), checked against the model's context."""
     try:
         examples = examples_from_pairs(tokenizer, [(q.prompt, q.completion) for q in queries])
     except ValueError as e:
@@ -68,258 +79,183 @@ def query_examples(tokenizer: Any, queries: Sequence[Query], model) -> list[dict
     return examples
 
 
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-class Partial:
-    """Finished pieces of an unfinished scoring pass, keyed so a changed run never mixes in old ones."""
-
-    def __init__(self, root: Path, key: str) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        key_file = root / "key.json"
-        if key_file.is_file() and json.loads(key_file.read_text()).get("key") != key:
-            for f in root.glob("*.np[yz]"):
-                f.unlink()
-            logger.info("discarding partial results of another configuration in %s", root)
-        atomic_write_json(key_file, {"key": key})
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def save_npy(self, name: str, array: np.ndarray) -> None:
-        atomic_write_npz(self.path(name), array)
-
-    def load_npy(self, name: str) -> np.ndarray | None:
-        p = self.path(name)
-        return np.load(p) if p.is_file() else None
-
-
-def _score_config(s, rank: int | None, *, details: bool = False) -> ScoreConfig:
-    return ScoreConfig(
-        damping_scale=s.damping_scale,
-        damping=s.damping,
-        query_rank=rank,
-        per_layer=details,
-        per_token=details,
-        algorithm="auto" if details else s.algorithm,
-    )
-
-
-def _execution(s) -> Execution:
-    return Execution(batch_size=s.batch_size, query_batch_size=s.query_batch_size)
-
-
-def _groups(n: int, size: int) -> list[np.ndarray]:
-    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def scan(model, factors, examples, store: SequenceStore, union: np.ndarray, mask: np.ndarray, s, partial: Partial, task) -> np.ndarray:
-    """First-stage scores [Q, U] against the sequences ``union``, chunk by chunk; NaN where ``mask`` [Q, U] is False.
-
-    Rank-R queries are small, so all of them share one pass over the union;
-    dense ones go in groups (memory), each group over its own candidates only.
-    """
-    Q = len(examples)
-    groups = [np.arange(Q)] if s.rank is not None else _groups(Q, s.query_batch_size)
-    out = np.full((Q, len(union)), np.nan)
-    cfg = _score_config(s, s.rank)
-    columns = [np.flatnonzero(mask[qs].any(axis=0)) for qs in groups]
-    overall = tqdm(total=sum(len(c) for c in columns), desc="scan (all chunks)", unit="seq", disable=None)
-    for g, (qs, cols) in enumerate(zip(groups, columns)):
-        chunks = [(c, cols[c : c + s.chunk_size]) for c in range(0, len(cols), s.chunk_size)]
-        todo = [c for c, _ in chunks if not partial.path(f"scan-{g:04d}-{c:010d}.npy").is_file()]
-        if len(todo) < len(chunks):
-            logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(todo), len(chunks))
-        pq = precondition_queries(model, factors, [examples[i] for i in qs], cfg, task=task, execution=_execution(s), curvature_data=store) if todo else None
-        for c, part in chunks:
-            name = f"scan-{g:04d}-{c:010d}.npy"
-            block = partial.load_npy(name)
-            if block is None:
-                block = score_preconditioned(model, factors, pq, store.subset(union[part]), cfg, task=task, execution=_execution(s)).total.double().numpy()
-                partial.save_npy(name, block)
-            out[np.ix_(qs, part)] = block
-            overall.update(len(part))
-    overall.close()
-    out[~mask] = np.nan  # each query keeps its own candidates
-    return out
-
-
-def _ends(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Columns of the k largest finite entries (largest first) and of the k most negative ones (most negative first)."""
-    valid = np.flatnonzero(np.isfinite(row))
-    order = valid[np.lexsort((valid, -row[valid]))]  # by score, ties → lower index
-    top = order[:k]
-    rest = order[k:][::-1]
-    return top, rest[row[rest] < 0][:k]
-
-
-def refine(model, factors, examples, store, union: np.ndarray, first: np.ndarray, s, partial: Partial, task) -> tuple[np.ndarray, list[Shown]]:
-    """Re-score the ends of each query at full rank (when asked) and compute the shown sequences' details.
-
-    Returns the final score matrix (first-stage entries replaced where
-    re-scored) and each query's shown sequences, chosen among the re-scored
-    ones when there was a re-score.
-    """
-    final = first.copy()
-    choice = first.copy()  # the rows the shown sequences are picked from
-    rank = None if s.rescore_top else s.rank
-    detail_cfg = _score_config(s, rank, details=True)
-    shown: list[Shown] = []
-    for g, qs in enumerate(_groups(len(examples), s.query_batch_size)):
-        pq = None
-        if s.rescore_top:
-            saved = partial.path(f"rescore-{g:04d}.npz")
-            if saved.is_file():
-                with np.load(saved) as z:
-                    idx, block = z["idx"], z["scores"]
-            else:
-                pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, execution=_execution(s), curvature_data=store)
-                idx = np.unique(np.concatenate([np.concatenate(_ends(first[q], s.rescore_top)) for q in qs]))
-                block = score_preconditioned(model, factors, pq, store.subset(union[idx]), _score_config(s, None), task=task, execution=_execution(s)).total.double().numpy()
-                atomic_write_npz(saved, idx=idx, scores=block)
-            for j, q in enumerate(qs):
-                # this query's own ends only: the group's union must not change what is shown
-                keep = np.isin(idx, np.concatenate(_ends(first[q], s.rescore_top)))
-                final[q, idx[keep]] = block[j, keep]
-                choice[q] = np.nan
-                choice[q, idx[keep]] = block[j, keep]
-        for j, q in enumerate(qs):
-            name = f"detail-{q:06d}.npz"
-            if not partial.path(name).is_file():
-                if pq is None:
-                    pq = precondition_queries(model, factors, [examples[i] for i in qs], detail_cfg, task=task, execution=_execution(s), curvature_data=store)
-                top, bottom = _ends(choice[q], s.top)
-                cols = np.concatenate([top, bottom])
-                one = {n: lq.select([j]) for n, lq in pq.items()}
-                sc = score_preconditioned(model, factors, one, store.subset(union[cols]), detail_cfg, task=task, execution=_execution(s))
-                arrays = {
-                    "cols": cols,
-                    "ranks": np.concatenate([np.arange(1, len(top) + 1), -np.arange(1, len(bottom) + 1)]),
-                    "total": sc.total[0].double().numpy(),
-                    "per_token": sc.per_token[0].double().numpy(),  # type: ignore[index]
-                    "layers": np.asarray(list(sc.per_layer)),  # type: ignore[arg-type]
-                    "per_layer": np.stack([v[0].double().numpy() for v in sc.per_layer.values()]),  # type: ignore[union-attr]
-                }
-                atomic_write_npz(partial.path(name), **arrays)
-            with np.load(partial.path(name)) as z:
-                shown.append(
-                    Shown(
-                        indices=z["cols"],
-                        ranks=z["ranks"],
-                        total=z["total"],
-                        per_layer={str(n): z["per_layer"][i] for i, n in enumerate(z["layers"])},
-                        per_token=z["per_token"],
-                    )
-                )
-    return final, shown
-
-
 @torch.no_grad()
-def log_probs(model, examples: Sequence[dict], task: CausalLMTask, batch_size: int) -> np.ndarray:
+def log_probs(model: nn.Module, examples: Sequence[dict], task: CausalLMTask, batch_size: int) -> np.ndarray:
     """log p(completion | prompt) of each query under the model (the measurement f)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = collate_to(task, examples[i : i + batch_size], device)
-        out.append(task.measurement(task.forward(model, batch), batch).double().cpu())
+    device = model_device(model)
+    out = [task.measurement(task.forward(model, b), b).double().cpu() for b in (collate_to(task, examples[i : i + batch_size], device) for i in range(0, len(examples), batch_size))]
     return torch.cat(out).numpy()
 
 
-def candidates(rd: RunDir, store: SequenceStore, examples: Sequence[dict], k: int | None):
-    """(union of candidate sequence indices [U], TF-IDF scores [Q, U] or None, candidate mask [Q, U])."""
-    Q, N = len(examples), len(store)
-    if k is None or k >= N:
-        return np.arange(N), None, np.ones((Q, N), dtype=bool)
-    index_path = rd / layout.TFIDF_FILE
-    if index_path.is_file():
-        index = TfidfIndex.load(index_path)
-    else:
-        t0 = time.perf_counter()
-        index = TfidfIndex.build(store.token_lists())
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                index.save(f)
+@dataclass
+class QueryPlan:
+    """The queries of a score stage, read and tokenized (checked before anything else runs)."""
 
-        atomic_write(index_path, write)
-        logger.info("built the TF-IDF index over %d sequences in %.1fs", N, time.perf_counter() - t0)
-    if index.num_docs != N:
-        raise ValueError(f"{index_path} indexes {index.num_docs} sequences, the corpus has {N}: delete it to rebuild")
-    values, idx = index.top_k([list(map(int, ex["input_ids"])) for ex in examples], k)
-    union = np.unique(idx)
-    pos = np.searchsorted(union, idx)
-    mask = np.zeros((Q, len(union)), dtype=bool)
-    tfidf = np.full((Q, len(union)), np.nan)
-    rows = np.arange(Q)[:, None]
-    mask[rows, pos] = True
-    tfidf[rows, pos] = values
-    return union, tfidf, mask
+    queries: list[Query]
+    examples: list[dict]
+
+
+def prepare_queries(config: RunConfig, tokenizer: Any, model: nn.Module) -> QueryPlan:
+    if config.score is None:
+        raise InputError("no score settings: give --queries")
+    queries = read_queries(config.score.files.queries)
+    return QueryPlan(queries, query_examples(tokenizer, queries, model))
+
+
+@dataclass
+class ScorePlan:
+    """A checked score stage: inputs loaded and verified against the fit, its identity, and whether it is up to date."""
+
+    config: RunConfig
+    rd: RunDir
+    model: nn.Module
+    tokenizer: Any
+    store: SequenceStore
+    factors: Factors
+    queries: QueryPlan
+    index: TfidfIndex | None
+    key: str
+    up_to_date: bool
+
+
+def _load_index(rd: RunDir, store: SequenceStore, candidates: int | None) -> TfidfIndex | None:
+    """The saved TF-IDF index when candidates are asked for; None when it must be (re)built."""
+    path = rd / layout.TFIDF_FILE
+    if candidates is None or candidates >= len(store) or not path.is_file():
+        return None
+    try:
+        index = TfidfIndex.load(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        logger.warning("the TF-IDF index %s cannot be read (%s): it is built again", path, e)
+        return None
+    if index.num_docs != len(store):
+        logger.warning("the TF-IDF index %s covers %d sequences, the corpus %d: it is built again", path, index.num_docs, len(store))
+        return None
+    return index
+
+
+def _save_index(index: TfidfIndex, path: Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append .npz to a bare name
+            index.save(f)
+
+    atomic_write(path, write)
+
+
+def _check_against_fit(rd: RunDir, tokenizer: Any, store: SequenceStore, factors: Factors) -> None:
+    """The tokenizer, the tokenized corpus and the factors must be those the fit made (StaleError otherwise)."""
+    manifest = rd.manifest()
+    fit = manifest.get("fit") or {}
+    if tokenizer_fingerprint(tokenizer) != (fit.get("inputs") or {}).get("tokenizer"):
+        raise StaleError("the tokenizer changed since `lminfluence fit`: the corpus was tokenized by another one; fit again with --overwrite")
+    if store.digest() != (manifest.get("corpus") or {}).get("digest"):
+        raise StaleError(f"{rd / layout.CORPUS_DIR} is not the corpus this run was fitted on (its digest differs); fit again with --overwrite")
+    if factors.num_sequences != len(store):
+        raise StaleError(f"the factors were fitted on {factors.num_sequences} sequences but the corpus has {len(store)}; fit again with --overwrite")
+
+
+def _score_key(config: RunConfig, rd: RunDir, examples: list[dict]) -> str:
+    s = config.score
+    assert s is not None
+    return digest(
+        {"scoring": s.scoring.to_dict(), "stages": s.stages.to_dict(), "save_matrix": s.files.save_matrix},
+        (rd.finished("fit") or {}).get("key"),
+        [list(map(int, e["input_ids"])) for e in examples],
+        [list(map(int, e["labels"])) for e in examples],
+    )
+
+
+def prepare_score(
+    config: RunConfig,
+    *,
+    overwrite: bool = False,
+    replace_changed: bool = False,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    queries: QueryPlan | None = None,
+) -> ScorePlan:
+    """Check every input of the score stage against the finished fit; nothing is written.
+
+    Up-to-date scores are kept; scores of another configuration are refused unless
+    ``overwrite`` (always recompute) or ``replace_changed``.
+    """
+    rd = RunDir(config.run_dir)
+    if not (rd.finished("fit") and (rd / layout.FACTORS_DIR / layout.MANIFEST_FILE).is_file()):
+        raise InputError(f"{rd.path} has no fitted factors; run `lminfluence fit` first")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    model = model if model is not None else load_model(config.model)
+    queries = queries or prepare_queries(config, tokenizer, model)
+    store = SequenceStore.load(rd.path)
+    factors = load_run_factors(rd, model)
+    _check_against_fit(rd, tokenizer, store, factors)
+    s = config.score
+    assert s is not None
+    key = _score_key(config, rd, queries.examples)
+    finished = rd.finished("score")
+    up_to_date = finished is not None and finished.get("key") == key and (rd / layout.QUERIES_TABLE).is_file() and not overwrite
+    if finished is not None and not up_to_date and not (overwrite or replace_changed):
+        diffs = rd.differences("score", config) or ["other queries"]
+        raise InputError(
+            f"{rd.path} already holds scores of a different run ({'; '.join(diffs[:4])}); "
+            "pass --overwrite to replace them (they stay until the new ones are complete)"
+        )
+    index = _load_index(rd, store, s.stages.candidates)
+    return ScorePlan(config, rd, model, tokenizer, store, factors, queries, index, key, up_to_date)
+
+
+def execute_score(plan: ScorePlan) -> None:
+    """Run the two-stage procedure with its chunks on disk, write the tables, commit (call under ``rd.lock()``)."""
+    from .tables import write_tables
+
+    rd, config, s = plan.rd, plan.config, plan.config.score
+    assert s is not None
+    if plan.up_to_date:
+        logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
+        return
+    root = rd.staging("score", plan.key)
+    task = CausalLMTask()
+    t0 = time.perf_counter()
+    index = plan.index
+    if s.stages.candidates is not None and s.stages.candidates < len(plan.store) and index is None:
+        index = TfidfIndex.build(plan.store.token_lists())
+        _save_index(index, rd / layout.TFIDF_FILE)
+        logger.info("built the TF-IDF index over %d sequences in %.1fs", len(plan.store), time.perf_counter() - t0)
+    result = two_stage_scores(
+        plan.model, plan.factors, plan.queries.examples, plan.store, s.scoring, s.stages,
+        task=task, execution=s.execution, store=DiskStore(root / "partial"), index=index, chunk_size=s.files.chunk_size,
+    )  # fmt: skip
+    logp = log_probs(plan.model, plan.queries.examples, task, s.execution.query_batch_size)
+    write_tables(root, plan.queries.queries, logp, result.first, _as_columns(result), result.tfidf, result.columns, plan.store, plan.tokenizer, s.files.save_matrix)
+    seconds = time.perf_counter() - t0
+    dampings = list(layer_dampings(plan.factors, s.scoring).values())
+    rd.commit(
+        "score",
+        config,
+        {
+            "key": plan.key,
+            "queries": len(plan.queries.queries),
+            "query_rank": s.scoring.query_rank,
+            "candidates": s.stages.candidates,
+            "rescore_top": s.stages.rescore_top,
+            "top": s.stages.top,
+            "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
+            "seconds": round(seconds, 2),
+        },
+    )
+    logger.info("scored %d queries against %d sequences in %.1fs", len(plan.queries.queries), len(result.columns), seconds)
+
+
+def _as_columns(result: TwoStageResult) -> list:
+    """The shown sequences with ``indices`` as columns of the scored union (what the tables' writer takes)."""
+    return [replace(sh, indices=np.searchsorted(result.columns, sh.indices)) for sh in result.shown]
 
 
 def run_score(config: RunConfig, *, overwrite: bool = False) -> RunDir:
     """Score the queries of ``config.score`` against the run's corpus and write the tables."""
-    if config.score is None:
-        raise InputError("no score settings: give --queries")
-    s = config.score
-    rd = RunDir(config.run_dir)
-    if not (rd.finished("fit") and (rd / layout.FACTORS_DIR / layout.MANIFEST_FILE).is_file()):
-        raise InputError(f"{rd.path} has no fitted factors; run `lminfluence fit` first")
-    if s.rescore_top is not None and s.rescore_top < s.top:
-        raise InputError(f"--rescore-top ({s.rescore_top}) must be at least --top ({s.top}): the shown sequences come from the re-scored ones")
-    queries = read_queries(s.queries)  # before the model: cheap checks first
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model)
-    store = SequenceStore.load(rd.path)
-    factors = load_run_factors(rd, model, store)
-    examples = query_examples(tokenizer, queries, model)
-    # everything the results depend on: a finished run with this key is up to date, partial chunks with it are reused
-    key = _digest(s.to_dict(), factors.fingerprint, store.digest(), [list(map(int, e["input_ids"])) for e in examples], [list(map(int, e["labels"])) for e in examples])
-    if not overwrite and (rd.manifest().get("score") or {}).get("key") == key and (rd / layout.QUERIES_TABLE).is_file():
-        logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
-        return rd
-    rd.prepare("score", config, overwrite=overwrite)
-
-    task = CausalLMTask()
-    t0 = time.perf_counter()
-    union, tfidf, mask = candidates(rd, store, examples, s.candidates)
-    partial = Partial(rd / layout.PARTIAL_DIR, key)
-    first = scan(model, factors, examples, store, union, mask, s, partial, task)
-    _, shown = refine(model, factors, examples, store, union, first, s, partial, task)
-    logp = log_probs(model, examples, task, s.query_batch_size)
-    from .tables import write_tables
-
-    write_tables(rd.path, queries, logp, first, shown, tfidf, union, store, tokenizer, s.save_matrix)
-    seconds = time.perf_counter() - t0
-    dampings = _dampings(factors, s)
-    rd.update_manifest(
-        score={
-            "queries": len(queries),
-            "query_rank": s.rank,
-            "candidates": s.candidates,
-            "rescore_top": s.rescore_top,
-            "top": s.top,
-            "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
-            "key": key,
-            "seconds": round(seconds, 2),
-            "finished": now(),
-        }
-    )
-    for f in sorted((rd / layout.PARTIAL_DIR).glob("*")):
-        f.unlink()
-    (rd / layout.PARTIAL_DIR).rmdir()
-    logger.info("scored %d queries against %d sequences in %.1fs", len(queries), len(union), seconds)
-    return rd
+    plan = prepare_score(config, overwrite=overwrite)
+    with plan.rd.lock():
+        execute_score(plan)
+    return plan.rd
 
 
-def _dampings(factors, s) -> list[float]:
-    cfg = _score_config(s, s.rank)
-    if factors.strategy == "identity":
-        return [0.0]
-    return [cfg.damping_for(factors.curvature.mean_eigenvalue(n)) for n in factors.layers]
-
-
-__all__ = ["run_score", "scan", "refine", "candidates", "log_probs", "query_examples"]
+__all__ = ["run_score", "prepare_score", "execute_score", "prepare_queries", "ScorePlan", "QueryPlan", "DiskStore", "query_examples", "log_probs"]

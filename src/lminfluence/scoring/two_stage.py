@@ -1,0 +1,406 @@
+"""The paper's scoring procedure for large corpora (§3.2, docs/method.md §5–6), as one library call.
+
+1. Candidates: each query's top K training sequences by TF-IDF over token ids;
+   the scan scores every query against the union and keeps each query's own.
+2. Scan: queries preconditioned once (rank R: query batching), the candidates
+   streamed in chunks. Rank-R queries are small, so all share one pass; dense
+   ones go in groups of ``Execution.query_batch_size``, each over its own candidates.
+3. Re-score: each query's top and bottom M at full rank.
+4. Details: per-layer (Eq 30) and per-token (Eq 31) scores of the sequences
+   shown (each query's top and bottom ``top``), computed for a whole group of
+   queries in one batched pass over the union of their shown sequences.
+
+Every finished piece goes to a ``ChunkStore`` (in memory by default; the
+command line keeps them on disk so that an interrupted run resumes), keyed by
+the caller: a store must only ever hold pieces of one configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Execution, ScoreConfig, Serializable, check_positive_int, option
+from ..curvature.factors import Factors
+from ..errors import ConfigError
+from ..filtering.tfidf import TfidfIndex
+from ..passes import run_pass, tracking
+from ..progress import progress
+from ..task.base import Task
+from .contract import LayerQueries, layer_scores
+from .pairwise import precondition_queries, score_preconditioned
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TwoStageConfig(Serializable):
+    """The two-stage procedure's settings (the scan's rank is ``ScoreConfig.query_rank``).
+
+    Attributes:
+        candidates: score only each query's top K sequences by TF-IDF (None: all).
+        rescore_top: re-score each query's top and bottom M of the scan at full rank.
+        top: sequences shown per query, most positive and most negative, with details.
+    """
+
+    candidates: int | None = option(None, "score only each query's top K sequences by TF-IDF (default: all)")
+    rescore_top: int | None = option(None, "re-score each query's top and bottom M of the scan at full rank (needs --rank)")
+    top: int = option(10, "sequences shown per query, most positive and most negative")
+
+    def __post_init__(self) -> None:
+        check_positive_int("candidates", self.candidates, allow_none=True)
+        check_positive_int("rescore_top", self.rescore_top, allow_none=True)
+        check_positive_int("top", self.top)
+        if self.rescore_top is not None and self.rescore_top < self.top:
+            raise ConfigError(f"rescore_top ({self.rescore_top}) must be at least top ({self.top}): the shown sequences come from the re-scored ones")
+
+    def check(self, config: ScoreConfig) -> None:
+        """Refuse combinations with the score settings that mean nothing."""
+        if self.rescore_top is not None and config.query_rank is None:
+            raise ConfigError("rescore_top re-scores a low-rank scan at full rank: it needs a query rank (--rank)")
+
+
+class ChunkStore(Protocol):
+    """Where finished pieces of a run are kept (and found again on resume)."""
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays saved under ``name``, or None."""
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Save ``arrays`` under ``name`` (atomically, for a store on disk)."""
+
+
+class MemoryStore:
+    """A ChunkStore in a dict: nothing survives the process."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        return self.items.get(name)
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        self.items[name] = dict(arrays)
+
+
+@dataclass
+class Shown:
+    """The sequences shown for one query with their details.
+
+    Attributes:
+        indices: [n] training-sequence indices, best first, then the most negative.
+        ranks: [n] 1..k for the top, -1..-k for the bottom.
+        total: [n] scores (full rank after a re-score).
+        per_layer: layer name → [n] (Eq 30).
+        per_token: [n, T] (Eq 31), token t's term on input position t; padding 0.
+    """
+
+    indices: np.ndarray
+    ranks: np.ndarray
+    total: np.ndarray
+    per_layer: dict[str, np.ndarray]
+    per_token: np.ndarray
+
+
+@dataclass
+class TwoStageResult:
+    """What the procedure found.
+
+    Attributes:
+        columns: [U] the training-sequence indices scored for some query (the union of candidates).
+        first: [Q, U] scan scores; NaN where the sequence is not one of the query's candidates.
+        final: [Q, U] ``first`` with each query's re-scored sequences replaced by their full-rank scores.
+        tfidf: [Q, U] TF-IDF scores of the candidates (None without candidate filtering).
+        shown: per query, the sequences shown with their details.
+        meta: damping per layer, strategy, scale note (as ``Scores.meta``).
+    """
+
+    columns: np.ndarray
+    first: np.ndarray
+    final: np.ndarray
+    tfidf: np.ndarray | None
+    shown: list[Shown]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _Subset:
+    """Some examples of an indexable dataset, in a given order."""
+
+    def __init__(self, data: Any, indices: np.ndarray) -> None:
+        self.data, self.indices = data, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[int(self.indices[i])]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def subset(data: Any, indices: Sequence[int] | np.ndarray) -> Any:
+    """``data`` restricted to ``indices`` (the data's own ``subset`` when it has one)."""
+    return data.subset(indices) if hasattr(data, "subset") else _Subset(data, np.asarray(indices))
+
+
+def token_ids(example: Mapping[str, Any]) -> list[int]:
+    return [int(t) for t in torch.as_tensor(example["input_ids"]).tolist()]
+
+
+def select_candidates(
+    index: TfidfIndex | None, train: Any, queries: Sequence[Mapping[str, Any]], k: int | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(union of candidate indices [U], TF-IDF scores [Q, U] or None, mask [Q, U] of each query's own candidates)."""
+    Q, N = len(queries), len(train)
+    if k is None or k >= N:
+        return np.arange(N), None, np.ones((Q, N), dtype=bool)
+    if index is None:
+        index = TfidfIndex.build(token_ids(ex) for ex in train)
+    if index.num_docs != N:
+        raise ConfigError(f"the TF-IDF index covers {index.num_docs} sequences but the training set has {N}")
+    values, idx = index.top_k([token_ids(ex) for ex in queries], k)
+    union = np.unique(idx)
+    pos = np.searchsorted(union, idx)
+    rows = np.arange(Q)[:, None]
+    mask = np.zeros((Q, len(union)), dtype=bool)
+    tfidf = np.full((Q, len(union)), np.nan)
+    mask[rows, pos] = True
+    tfidf[rows, pos] = values
+    return union, tfidf, mask
+
+
+def ends(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of the k largest finite scores (largest first) and of the k most negative ones (most negative first).
+
+    Ties go to the lower column; a sequence is among the most negative only if its score is below 0.
+    """
+    valid = np.flatnonzero(np.isfinite(row))
+    order = valid[np.lexsort((valid, -row[valid]))]
+    top = order[:k]
+    rest = order[k:][::-1]
+    return top, rest[row[rest] < 0][:k]
+
+
+def _groups(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _Run:
+    """One two-stage computation: the shared arguments of its steps."""
+
+    def __init__(self, model, factors, queries, train, config, stages, task, execution, store, chunk_size) -> None:
+        self.model, self.factors, self.queries, self.train = model, factors, queries, train
+        self.config, self.stages, self.task, self.execution = config, stages, task, execution
+        self.store = store
+        self.chunk_size = chunk_size
+
+    def precondition(self, qs: np.ndarray, rank: int | None) -> dict[str, LayerQueries]:
+        cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
+        return precondition_queries(
+            self.model, self.factors, [self.queries[i] for i in qs], cfg, task=self.task, execution=self.execution, curvature_data=self.train
+        )
+
+    def score(self, pq: dict[str, LayerQueries], rank: int | None, rows: np.ndarray) -> np.ndarray:
+        cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
+        out = score_preconditioned(self.model, self.factors, pq, subset(self.train, rows), cfg, task=self.task, execution=self.execution)
+        return out.total.double().numpy()
+
+    def scan(self, union: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """First-stage scores [Q, U]; NaN where ``mask`` is False."""
+        Q = len(self.queries)
+        rank = self.config.query_rank
+        groups = [np.arange(Q)] if rank is not None else _groups(Q, self.execution.query_batch_size)
+        out = np.full((Q, len(union)), np.nan)
+        columns = [np.flatnonzero(mask[qs].any(axis=0)) for qs in groups]
+        with progress(sum(len(c) for c in columns), "scan (all chunks)", "seq", leave=True) as bar:
+            for g, (qs, cols) in enumerate(zip(groups, columns)):
+                chunks = [(c, cols[c : c + self.chunk_size]) for c in range(0, len(cols), self.chunk_size)]
+                saved = {c: self.store.get(f"scan-{g:04d}-{c:010d}") for c, _ in chunks}
+                done = sum(v is not None for v in saved.values())
+                if done:
+                    logger.info("scan, query group %d: %d of %d chunks already done", g, done, len(chunks))
+                pq = self.precondition(qs, rank) if done < len(chunks) else None
+                for c, part in chunks:
+                    arrays = saved[c]
+                    if arrays is None:
+                        arrays = {"scores": self.score(pq, rank, union[part])}  # type: ignore[arg-type]
+                        self.store.put(f"scan-{g:04d}-{c:010d}", arrays)
+                    block = arrays["scores"]
+                    keep = mask[qs][:, part]
+                    out[np.ix_(qs, part)] = np.where(keep, block, np.nan)
+                    bar.update(len(part))
+        return out
+
+    def rescore(self, union: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(final [Q, U], choice [Q, U]): each query's top and bottom M at full rank; ``choice`` holds only those."""
+        final, choice = first.copy(), np.full_like(first, np.nan)
+        m = self.stages.rescore_top
+        for g, qs in enumerate(_groups(len(self.queries), self.execution.query_batch_size)):
+            name = f"rescore-{g:04d}"
+            arrays = self.store.get(name)
+            if arrays is None:
+                idx = np.unique(np.concatenate([np.concatenate(ends(first[q], m)) for q in qs]))  # type: ignore[arg-type]
+                arrays = {"idx": idx, "scores": self.score(self.precondition(qs, None), None, union[idx])}
+                self.store.put(name, arrays)
+            idx, block = arrays["idx"], arrays["scores"]
+            for j, q in enumerate(qs):
+                # this query's own ends only: the group's union must not change what is shown
+                keep = np.isin(idx, np.concatenate(ends(first[q], m)))  # type: ignore[arg-type]
+                final[q, idx[keep]] = block[j, keep]
+                choice[q, idx[keep]] = block[j, keep]
+        return final, choice
+
+    def details(self, union: np.ndarray, choice: np.ndarray, rank: int | None) -> list[Shown]:
+        """Each query's shown sequences with per-layer and per-token scores, one batched pass per query group."""
+        shown: list[Shown] = []
+        top = self.stages.top
+        for g, qs in enumerate(_groups(len(self.queries), self.execution.query_batch_size)):
+            name = f"details-{g:04d}"
+            arrays = self.store.get(name)
+            picks = [ends(choice[q], top) for q in qs]
+            if arrays is None:
+                cols = [np.concatenate(p) for p in picks]
+                arrays = shown_details(
+                    self.model, self.factors, self.precondition(qs, rank), [union[c] for c in cols], self.train,
+                    task=self.task, execution=self.execution,
+                )
+                self.store.put(name, arrays)
+            layers = [str(n) for n in arrays["layers"]]
+            for j, (t, b) in enumerate(picks):
+                n = len(t) + len(b)  # the store is keyed by the caller: a saved chunk has exactly these rows
+                rows = slice(int(arrays["offsets"][j]), int(arrays["offsets"][j]) + n)
+                shown.append(
+                    Shown(
+                        indices=union[np.concatenate([t, b])],
+                        ranks=np.concatenate([np.arange(1, len(t) + 1), -np.arange(1, len(b) + 1)]),
+                        total=arrays["total"][rows],
+                        per_layer={layer: arrays["per_layer"][i, rows] for i, layer in enumerate(layers)},
+                        per_token=arrays["per_token"][rows],
+                    )
+                )
+        return shown
+
+
+def shown_details(
+    model: nn.Module,
+    factors: Factors,
+    preconditioned: Mapping[str, LayerQueries],
+    rows: Sequence[np.ndarray],
+    train: Any,
+    *,
+    task: Task | None = None,
+    execution: Execution = Execution(),
+) -> dict[str, np.ndarray]:
+    """Per-layer and per-token scores of each query against its own sequences only, in one batched pass.
+
+    Args:
+        preconditioned: the Q queries' preconditioned gradients (dense or rank-R).
+        rows: per query, the training-sequence indices to score it against.
+        train: the indexable training set.
+
+    Returns:
+        ``offsets`` [Q + 1] (query j's rows are offsets[j]:offsets[j+1], in the order of ``rows[j]``),
+        ``total`` [n], ``per_layer`` [L, n], ``layers`` [L], ``per_token`` [n, T] (zero-padded).
+    The pass runs the model once over the union of all rows; each query is contracted only with
+    its own sequences (no query × union product).
+    """
+    from ..task.causal_lm import CausalLMTask
+    from .pairwise import _setup
+
+    task = task or CausalLMTask()
+    modules, _, _, _ = _setup(model, factors, ScoreConfig(), task)
+    layers = list(modules)
+    union = np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+    where = {int(s): i for i, s in enumerate(union)}  # sequence → position in the pass
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    n = int(offsets[-1])
+    per_layer = np.zeros((len(layers), n))
+    token_parts: dict[int, np.ndarray] = {}  # output row → per-token scores
+    members = [np.asarray([where[int(s)] for s in r], dtype=np.int64) for r in rows]  # positions in the pass
+    start = 0
+    with tracking(model, modules) as col:
+        for bc in run_pass(model, task, col, subset(train, union), execution.batch_size, "true", desc="details"):
+            stop = start + bc.num_sequences
+            for j, pos in enumerate(members):
+                hit = np.flatnonzero((pos >= start) & (pos < stop))
+                if not len(hit):
+                    continue
+                local = torch.as_tensor(pos[hit] - start)
+                tokens = 0
+                for li, name in enumerate(layers):
+                    cap = bc.captures[name]
+                    lq = preconditioned[name].select([j])
+                    algorithm = "project_low_rank" if lq.is_low_rank else "project"
+                    tot, tok = layer_scores(lq, cap.a[local.to(cap.a.device)], cap.ds[local.to(cap.ds.device)], algorithm)
+                    per_layer[li, offsets[j] + hit] = tot[0].double().cpu().numpy()
+                    tokens = tokens + tok[0].double().cpu()  # [h, T]
+                for h, t in zip(hit, tokens):  # type: ignore[call-overload]
+                    token_parts[int(offsets[j] + h)] = t.numpy()
+            start = stop
+    length = max((len(t) for t in token_parts.values()), default=0)
+    per_token = np.zeros((n, length))
+    for r, t in token_parts.items():
+        per_token[r, : len(t)] = t
+    return {"offsets": offsets, "total": per_layer.sum(0), "per_layer": per_layer, "layers": np.asarray(layers), "per_token": per_token}
+
+
+def two_stage_scores(
+    model: nn.Module,
+    factors: Factors,
+    queries: Iterable[Mapping[str, Any]],
+    train: Any,
+    config: ScoreConfig = ScoreConfig(),
+    stages: TwoStageConfig = TwoStageConfig(),
+    *,
+    task: Task | None = None,
+    execution: Execution = Execution(),
+    store: ChunkStore | None = None,
+    index: TfidfIndex | None = None,
+    chunk_size: int = 1024,
+) -> TwoStageResult:
+    """TF-IDF candidates → rank-R scan → full-rank re-score of each query's ends → details of the shown.
+
+    Args:
+        model, factors: as for ``compute_scores``.
+        queries: query examples (``examples_from_pairs``).
+        train: the indexable training set (a list, a ``SequenceStore``, a ``datasets.Dataset``).
+        config: damping, the scan's rank (``query_rank``) and the contraction algorithm.
+        stages: candidates, re-score size and how many sequences to show.
+        execution: batch sizes; dense queries are scanned and re-scored ``query_batch_size`` at a time.
+        store: where finished chunks go (and are found again); keyed by the caller.
+        index: a prebuilt TF-IDF index over ``train``'s token ids (built here when needed and None).
+        chunk_size: sequences per stored chunk of the scan (the unit of resuming).
+    """
+    from ..task.causal_lm import CausalLMTask
+
+    stages.check(config)
+    check_positive_int("chunk_size", chunk_size)
+    queries = list(queries)
+    if not queries:
+        raise ConfigError("no queries to score")
+    if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
+        train = list(train)
+    run = _Run(model, factors, queries, train, config, stages, task or CausalLMTask(), execution, store or MemoryStore(), chunk_size)
+    union, tfidf, mask = select_candidates(index, train, queries, stages.candidates)
+    first = run.scan(union, mask)
+    if stages.rescore_top:
+        final, choice = run.rescore(union, first)
+        detail_rank = None
+    else:
+        final, choice, detail_rank = first, first, config.query_rank
+    shown = run.details(union, choice, detail_rank)
+    from .pairwise import layer_dampings, SCALE_NOTE
+
+    meta = {"strategy": factors.strategy, "damping": layer_dampings(factors, config), "query_rank": config.query_rank,
+            "train_size": factors.num_sequences, "scale": SCALE_NOTE}  # fmt: skip
+    return TwoStageResult(columns=union, first=first, final=final, tfidf=tfidf, shown=shown, meta=meta)
+
+
+__all__ = ["TwoStageConfig", "TwoStageResult", "Shown", "ChunkStore", "MemoryStore", "two_stage_scores", "shown_details", "select_candidates", "ends", "subset"]
