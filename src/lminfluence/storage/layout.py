@@ -21,6 +21,7 @@ LAYERS_TABLE = "scores/layers.parquet"  # one row per (query, top sequence, trac
 TOKENS_TABLE = "scores/tokens.parquet"  # one row per (query, top sequence, token)
 MATRIX_TABLE = "scores/matrix.parquet"  # every scored (query, sequence) pair, when asked for
 PARTIAL_DIR = "scores/partial"  # finished chunks of an unfinished scoring pass (resume)
+ANALYSIS_DIR = "analysis"  # the analyses of a scored run: <name>.parquet per analysis (lminfluence.analysis)
 REPORT_DIR = "report"
 REPORT_FILE = "report/index.html"
 
