@@ -94,6 +94,9 @@ def analyze_run(
     ids = queries["query_id"]
     k_used = k if k is not None else _default_k(top)
     pairs = as_pairs(word_order_pairs) if word_order_pairs is not None else None  # bad pairs fail before any work
+    unknown = sorted({p.query_id for p in pairs or []} - set(ids))
+    if unknown:
+        raise InputError(f"statement pairs name unknown query id(s) {', '.join(map(repr, unknown))}; the run's queries are {', '.join(map(repr, ids))}")
 
     built = {"sparsity": sparsity_columns(ids, scores, min_tail=min_tail, max_candidates=max_candidates)}
     built["layers"], built["thirds"] = layer_columns(ids, top, layers, k)

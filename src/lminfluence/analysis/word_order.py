@@ -79,8 +79,9 @@ def statement_sequences(pairs: Sequence[StatementPair], tokenizer: Any, max_leng
     store = SequenceStore.build(docs, tokenizer, max_length, progress=False)
     if store.doc_id != [d.id for d in docs]:
         counts = {d.id: store.doc_id.count(d.id) for d in docs}
-        bad = next(d for d, c in counts.items() if c != 1)
-        raise InputError(f"statement {bad!r} does not make exactly one sequence of 2 to {max_length} tokens; shorten or lengthen it")
+        bad, c = next((d, c) for d, c in counts.items() if c != 1)
+        why = "has fewer than 2 tokens" if c == 0 else f"is longer than the run's --max-length of {max_length} tokens (it makes {c} sequences)"
+        raise InputError(f"statement {bad!r} {why}: each form must be one training sequence")
     return store
 
 
