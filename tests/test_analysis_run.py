@@ -18,7 +18,7 @@ from scipy import stats as sps
 from test_analysis import brute_force_fit
 
 from lminfluence import ScoreConfig, compute_scores, examples_from_pairs
-from lminfluence.analysis import analyze_run, compare_runs, table_path
+from lminfluence.analysis import analyze_run, compare_runs
 from lminfluence.analysis.run import TABLES
 from lminfluence.cli.main import main
 from lminfluence.corpus.readers import InputError

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..corpus.readers import InputError
 from ..storage import layout
-from .io import load_scores, read_columns, require
+from .files import load_scores, read_columns, require
 from .stats import spearman, top_k_indices
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..corpus.readers import InputError, Query
 from ..storage import layout
 from .crosslingual import crosslingual_rows
-from .io import load_scores, read_columns, require, write_table
+from .files import load_scores, read_columns, require, write_table
 from .sparsity import MAX_CANDIDATES, MIN_TAIL
 from .tables import SCHEMAS, layer_columns, sparsity_columns, spurious_columns
 from .word_order import StatementPair, as_pairs, score_word_order, summarize_word_order
@@ -99,8 +99,8 @@ def analyze_run(
         raise InputError(f"statement pairs name unknown query id(s) {', '.join(map(repr, unknown))}; the run's queries are {', '.join(map(repr, ids))}")
 
     built = {"sparsity": sparsity_columns(ids, scores, min_tail=min_tail, max_candidates=max_candidates)}
-    built["layers"], built["thirds"] = layer_columns(ids, top, layers, k)
-    built["spurious"] = spurious_columns(top, tokens, k)
+    built["layers"], built["thirds"] = layer_columns(ids, top, layers, k_used)
+    built["spurious"] = spurious_columns(top, tokens, k_used)
     built["crosslingual"] = crosslingual_rows(scores, ids, queries["group"], queries["language"], k_used)
     summary = None
     if pairs is not None:

@@ -74,6 +74,10 @@ def fit_power_law(x: np.ndarray, *, min_tail: int = MIN_TAIL, max_candidates: in
     convention of Clauset et al.'s code and of the ``powerlaw`` package. The
     x_min with the smallest D wins (ties: the smaller x_min).
 
+    ``alpha`` is the density exponent; the survival function of the fit is
+    P(X > x) = (x / x_min)^(−(alpha − 1)), so the α of METHOD.md §7's
+    CDF 1 − (x/x_min)^(−α) is alpha − 1.
+
     The search sorts once and takes every tail's log-sum from one cumulative
     sum; the KS distances are computed for blocks of candidates at a time.
 
