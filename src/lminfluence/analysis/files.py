@@ -11,7 +11,7 @@ from ..corpus.readers import InputError
 from ..storage import layout
 from ..storage.atomic import atomic_write
 
-SCORE_HINT = "run `lminfluence score` on it (with --save-matrix) first"
+SCORE_HINT = "run `lminfluence score` on it first"
 
 
 def require(run_dir: Path, rel: str, fix: str = SCORE_HINT) -> Path:
@@ -57,7 +57,7 @@ def load_scores(run_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     matrix_path = require(
         run_dir,
         layout.MATRIX_TABLE,
-        "the analyses need every scored pair; run `lminfluence score` again with --save-matrix (finished chunks are reused)",
+        "the analyses need every scored pair; run `lminfluence score` again with --save-matrix (the default; it was turned off)",
     )
     m = read_columns(matrix_path, ["query_index", "seq_index", "score"])
     scores, columns = dense_scores(m["query_index"], m["seq_index"], m["score"], len(queries["query_id"]))

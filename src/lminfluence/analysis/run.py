@@ -67,7 +67,7 @@ def analyze_run(
     """Compute the paper's analyses (METHOD.md §7) of a scored run and write them under RUN/analysis/.
 
     Args:
-        run_dir: a run directory where ``lminfluence score`` has run with ``--save-matrix``.
+        run_dir: a run directory where ``lminfluence score`` has run (with its default ``--save-matrix``).
         k: sequences per end of each query's lists used by the layer, spurious and
             cross-lingual analyses (None = the run's --top: every shown sequence).
         word_order_pairs: statement pairs (a JSON Lines path, ``StatementPair``s or
@@ -116,7 +116,6 @@ def analyze_run(
 def _word_order(run_dir: Path, queries: dict[str, Any], pairs: list[StatementPair], model, tokenizer, factors) -> dict[str, list]:
     """Score the statement pairs with the run's model, factors, damping and --max-length."""
     from ..config import ScoreConfig
-    from ..corpus.sequences import SequenceStore
     from ..workflow.config import RunConfig, read_yaml
     from ..workflow.fitting import load_run_factors
     from ..workflow.model import load_model, load_tokenizer
@@ -129,10 +128,10 @@ def _word_order(run_dir: Path, queries: dict[str, Any], pairs: list[StatementPai
     model = model if model is not None else load_model(config.model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     if factors is None:
-        factors = load_run_factors(RunDir(run_dir), model, SequenceStore.load(run_dir))
-    cfg = ScoreConfig(damping_scale=s.damping_scale, damping=s.damping, train_batch_size=s.batch_size, query_batch_size=s.query_batch_size)
+        factors = load_run_factors(RunDir(run_dir), model)
+    cfg = ScoreConfig(damping_scale=s.scoring.damping_scale, damping=s.scoring.damping)
     qs = [Query(i, p, c) for i, p, c in zip(queries["query_id"], queries["prompt"], queries["completion"])]
-    return score_word_order(model, tokenizer, factors, qs, pairs, max_length=config.corpus.max_length, config=cfg)
+    return score_word_order(model, tokenizer, factors, qs, pairs, max_length=config.corpus.max_length, config=cfg, execution=s.execution)
 
 
 def _record(run_dir: Path, k: int, summary: dict[str, float] | None, seconds: float) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ScoreConfig
+from ..config import Execution, ScoreConfig
 from ..corpus.readers import Document, InputError, Query, _existing, _field, _jsonl_rows
 
 COLUMNS = ("pair_id", "query_id", "statement", "flipped", "score_statement", "score_flipped", "kept")
@@ -94,6 +94,7 @@ def score_word_order(
     *,
     max_length: int,
     config: ScoreConfig | None = None,
+    execution: Execution = Execution(),
     task=None,
 ) -> dict[str, list]:
     """Score each pair's statement and flipped statement against its query (``lminfluence.compute_scores``).
@@ -103,7 +104,8 @@ def score_word_order(
         queries: the queries the pairs refer to by id.
         pairs: the statement pairs.
         max_length: the longest sequence (the run's ``--max-length``).
-        config: damping and batching (default: ``ScoreConfig()``, full rank).
+        config: damping (default: ``ScoreConfig()``, full rank).
+        execution: batch sizes.
         task: the task (default: the causal-LM task).
 
     Returns:
@@ -119,7 +121,7 @@ def score_word_order(
     used = list(dict.fromkeys(p.query_id for p in pairs))  # distinct, in first-use order
     store = statement_sequences(pairs, tokenizer, max_length)
     examples = query_examples(tokenizer, [by_id[q] for q in used], model)
-    scores = compute_scores(model, factors, examples, list(store), config or ScoreConfig(), task=task).total.double().cpu().numpy()  # [Qu, 2P]
+    scores = compute_scores(model, factors, examples, list(store), config or ScoreConfig(), task=task, execution=execution).total.double().cpu().numpy()  # [Qu, 2P]
     row = {q: i for i, q in enumerate(used)}
     cols: dict[str, list] = {c: [] for c in COLUMNS}
     for i, p in enumerate(pairs):

@@ -34,7 +34,8 @@ def demo_config(inputs, run_dir: Path) -> RunConfig:
 
 def run_demo(args: argparse.Namespace) -> int:
     from ..demo import prepare_demo
-    from ..demo.summary import print_top, same_query_word_order, summarize
+    from ..analysis import analyze_run
+    from ..demo.summary import print_top, read_word_order, statement_pairs, summarize
     from ..report import write_report
     from ..workflow.fitting import execute_fit, prepare_fit
     from ..workflow.scoring import execute_score, prepare_score
@@ -51,15 +52,14 @@ def run_demo(args: argparse.Namespace) -> int:
         execute_fit(plan, progress=not args.quiet)
         score = prepare_score(config, overwrite=args.overwrite, replace_changed=True, model=plan.model, tokenizer=plan.tokenizer)
         execute_score(score)
-        report = write_report(plan.rd.path)
         queries, facts = inputs.read_queries(), inputs.read_facts()
+        analysis = analyze_run(plan.rd.path, word_order_pairs=statement_pairs(queries, facts), model=plan.model, tokenizer=plan.tokenizer)
+        report = write_report(plan.rd.path)
         summary = summarize(plan.rd.path, queries, facts)
-        pairs = same_query_word_order(plan.rd.path, plan.model, plan.tokenizer, config.corpus.max_length, queries, facts)
-        summary["same_query_word_order"] = pairs
-        if pairs:
-            ratios = [p["flipped_statement"] / p["statement"] for p in pairs if p["statement"] > 0]
-            summary["median_flipped_to_trained_ratio"] = float(np.median(ratios)) if ratios else float("nan")
-            summary["flipped_lower_share"] = float(np.mean([p["flipped_statement"] < p["statement"] for p in pairs]))
+        if analysis.word_order:
+            summary["same_query_word_order"] = read_word_order(analysis.tables["word_order"])
+            summary["median_flipped_to_trained_ratio"] = analysis.word_order["median_kept"]
+            summary["flipped_lower_share"] = analysis.word_order["flipped_lower_share"]
         atomic_write_json(plan.rd.path / "demo_summary.json", summary)
 
     fact_q = next(q["id"] for q in queries if q["kind"] == "fact")

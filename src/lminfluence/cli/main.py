@@ -19,7 +19,7 @@ from ..errors import InputError, describe, exit_status
 from ..storage import layout
 from ..workflow.config import RunConfig, check_sections, merge, read_yaml
 from ..workflow.rundir import RunDir
-from .logging import attach_log, command_logging, logger
+from .logging import attach_log, command_logging
 from .options import add_section, given
 
 STAGE_SECTIONS = {"fit": ("model", "corpus", "fit"), "score": ("score",), "run": ("model", "corpus", "fit", "score")}
@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         for section in sections:
             add_section(p, section)
+    p = sub.add_parser("analyze", help="the paper's analyses of a scored run (sparsity, layers, spurious sequences, cross-lingual, word order)")
+    p.add_argument("--run-dir", "-o", dest="run_dir", required=True)
+    p.add_argument("--k", type=_positive, help="sequences per end of each query's list used by the layer, spurious and cross-lingual analyses (default: all shown)")
+    p.add_argument("--pairs", help="JSON Lines of statement pairs (query_id, statement, flipped, optional id) to score in both word orders")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p = sub.add_parser("compare", help="compare the rankings of two scored runs (two models on the same corpus and queries)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--k", type=_positive, default=10, help="top-k of the overlap (default 10)")
+    p.add_argument("--output", help="also write the comparison table to this Parquet file")
+    p.add_argument("--quiet", "-q", action="store_true")
     p = sub.add_parser("report", help="write the HTML report of a scored run")
     p.add_argument("--run-dir", "-o", dest="run_dir", required=True)
     p.add_argument("--top", type=_positive, default=10, help="sequences shown per query (default 10)")
@@ -125,6 +136,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "analyze":
+        return _analyze(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "report":
         from ..report import write_report
 
@@ -157,7 +172,46 @@ def run_command(args: argparse.Namespace) -> int:
             execute_fit(plan, progress=not args.quiet)
             score = prepare_score(config, overwrite=args.overwrite, model=plan.model, tokenizer=plan.tokenizer, queries=queries)
             execute_score(score)
+            from ..analysis import analyze_run
+
+            analyze_run(config.run_dir, model=plan.model, tokenizer=plan.tokenizer)
             print(f"report: {write_report(config.run_dir)}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from ..analysis import analyze_run
+
+    rd = RunDir(args.run_dir)
+    if not rd.is_run():
+        raise InputError(f"{rd.path} is not a run directory; run `lminfluence fit` and `lminfluence score` first")
+    attach_log(rd.path, "analyze", ready=True)
+    with rd.lock():
+        result = analyze_run(rd.path, k=args.k, word_order_pairs=args.pairs)
+    print(f"analysis: {rd / layout.ANALYSIS_DIR} ({', '.join(sorted(result.tables))})")
+    if result.word_order:
+        w = result.word_order
+        print(f"word order: {w['num_pairs']} pairs; the flipped form keeps a median {w['median_kept']:.2f}× the influence and scores lower for {w['flipped_lower_share']:.0%}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..analysis import compare_runs
+
+    table = compare_runs(args.run_a, args.run_b, k=args.k)
+    if args.output:
+        import pyarrow.parquet as pq
+
+        from ..storage.atomic import atomic_write
+
+        atomic_write(Path(args.output), lambda tmp: pq.write_table(table, tmp))
+    cols = table.to_pydict()
+    print(f"{'query':24} {'spearman':>9} {f'top-{args.k} overlap':>14}")
+    for row in zip(*(cols[c] for c in ("query_id", "spearman", "overlap"))):
+        print(f"{str(row[0])[:24]:24} {row[1]:9.3f} {row[2]:14.2f}")
+    print(f"median: spearman {np.nanmedian(cols['spearman']):.3f}, top-{args.k} overlap {np.nanmedian(cols['overlap']):.2f} over {len(cols['query_id'])} queries")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the demo found: planted-fact retrieval, the word-order comparison, and the paper's same-query test.
+"""What the demo found: planted-fact retrieval, the word-order comparison, and the pairs of the paper's same-query test.
 
 Reads the score tables with pyarrow only (the core install has no pandas).
 """
@@ -76,26 +76,22 @@ def summarize(run_dir: Path, queries: list[dict], facts: list[dict]) -> dict[str
     }
 
 
-def same_query_word_order(run_dir: Path, model: Any, tokenizer: Any, max_length: int, queries: list[dict], facts: list[dict]) -> list[dict]:
-    """The paper's word-order test: score each fact's statement and its flipped statement, as new
-    sequences, against the trained-order query, so both scores are on one query's scale."""
-    from ..corpus.readers import Document, Query
-    from ..corpus.sequences import SequenceStore
-    from ..scoring.pairwise import compute_scores
-    from ..workflow.fitting import load_run_factors
-    from ..workflow.rundir import RunDir
-    from ..workflow.scoring import query_examples
+def statement_pairs(queries: list[dict], facts: list[dict]) -> list:
+    """The paper's same-query word-order test: each fact's statement and its flipped statement, as new
+    sequences, scored against the trained-order query, so both scores are on one query's scale."""
+    from ..analysis import StatementPair
 
-    trained = {q["fact_id"]: q for q in queries if q["kind"] == "fact"}
-    facts = [f for f in facts if f["id"] in trained]
-    if not facts:
-        return []
-    factors = load_run_factors(RunDir(run_dir), model)
-    docs = [Document(f"{f['id']}/{k}", f[k]) for f in facts for k in ("statement", "flipped_statement")]
-    pairs = SequenceStore.build(docs, tokenizer, max_length, progress=False)
-    qs = [Query(trained[f["id"]]["id"], trained[f["id"]]["prompt"], trained[f["id"]]["completion"]) for f in facts]
-    scores = compute_scores(model, factors, query_examples(tokenizer, qs, model), list(pairs)).total.double().numpy()
-    return [{"fact": f["id"], "statement": float(scores[i, 2 * i]), "flipped_statement": float(scores[i, 2 * i + 1])} for i, f in enumerate(facts)]
+    trained = {q["fact_id"]: q["id"] for q in queries if q["kind"] == "fact"}
+    return [StatementPair(f["id"], trained[f["id"]], f["statement"], f["flipped_statement"]) for f in facts if f["id"] in trained]
+
+
+def read_word_order(path: Path) -> list[dict]:
+    """The word-order table as the demo's summary lists it: one entry per fact."""
+    rows = _rows(path, ["pair_id", "score_statement", "score_flipped"])
+    return [
+        {"fact": str(p), "statement": float(s), "flipped_statement": float(f)}
+        for p, s, f in zip(rows["pair_id"], rows["score_statement"], rows["score_flipped"])
+    ]
 
 
 def print_top(run_dir: Path, query_id: str, k: int = 3) -> None:
@@ -112,4 +108,4 @@ def print_top(run_dir: Path, query_id: str, k: int = 3) -> None:
         print(textwrap.indent(textwrap.fill(snippet[:300] + ("…" if len(snippet) > 300 else ""), 96), "      "))
 
 
-__all__ = ["summarize", "same_query_word_order", "print_top"]
+__all__ = ["summarize", "statement_pairs", "read_word_order", "print_top"]
