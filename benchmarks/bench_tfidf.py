@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""TF-IDF candidate ranking speed (METHOD.md §6): 100,000 sequences × 100 queries.
+"""TF-IDF candidate ranking speed (docs/method.md §6): 100,000 sequences × 100 queries.
 
 Corpus: 100,000 sequences of 512 token ids drawn from a Zipf(1.1) law over a
 49,152-token vocabulary (a real tokenizer's size; the Zipf law gives the

@@ -1,4 +1,4 @@
-"""The analyses' pure functions against hand-computed cases and brute-force references (METHOD.md §7)."""
+"""The analyses' pure functions against hand-computed cases and brute-force references (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_sequences_keep_provenance(inputs, run, reference):
 
 
 def test_candidates_are_the_tfidf_top_k(run, reference):
-    """The scan scores exactly each query's 50 TF-IDF candidates (METHOD §6), with their TF-IDF scores."""
+    """The scan scores exactly each query's 50 TF-IDF candidates (docs/method.md §6), with their TF-IDF scores."""
     t = tables(run)
     index = TfidfIndex.build(reference["store"].token_lists())
     ids = [list(map(int, q["input_ids"])) for q in reference["queries"]]
@@ -142,7 +142,7 @@ def test_decompositions_sum_to_the_score(run):
     np.testing.assert_allclose(by_token.loc[top.index], top.score, rtol=1e-4, atol=1e-6 * top.score.abs().max())
     np.testing.assert_allclose(top.block_scores.map(sum), top.score, rtol=1e-6)
     assert set(t["layers"].block) == {0, 1}
-    # the last token predicts nothing: its score is 0 (METHOD §5 puts each term on the token before the prediction)
+    # the last token predicts nothing: its score is 0 (docs/method.md §5 puts each term on the token before the prediction)
     last = t["tokens"].groupby(key).position.transform("max") == t["tokens"].position
     assert (t["tokens"][last].score == 0).all()
 

@@ -1,4 +1,4 @@
-"""LDS (METHOD.md §8): exact influence predicts retraining on a linear model; the ground truth is reused."""
+"""LDS (docs/method.md §8): exact influence predicts retraining on a linear model; the ground truth is reused."""
 
 import numpy as np
 import pytest

@@ -148,7 +148,7 @@ def test_bregman_divergence_is_the_kl_and_half_squared_error():
 def test_pbrf_resumes_from_its_output_directory(tmp_path):
     """Finished points are written as they finish and skipped by a later call with the same
     settings; other settings in the same directory are refused. For small ε the values are the
-    library's scores of the same linear model (sign and scale of METHOD.md §1)."""
+    library's scores of the same linear model (sign and scale of docs/method.md §1)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 1)).double()
     data = regression_data(10, 3)

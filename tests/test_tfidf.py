@@ -1,4 +1,4 @@
-"""Exact tier: TF-IDF candidate scores (METHOD.md §6) against a loop over the formula."""
+"""Exact tier: TF-IDF candidate scores (docs/method.md §6) against a loop over the formula."""
 
 import math
 

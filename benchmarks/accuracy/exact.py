@@ -4,7 +4,7 @@
 
 with G the full Gauss–Newton Hessian of the mean training loss over the
 tracked layers (all blocks coupled, no Kronecker or diagonal approximation).
-To first order in ε this is what the PBRF measures (METHOD.md §8), so it
+To first order in ε this is what the PBRF measures (docs/method.md §8), so it
 tells the two possible sources of a disagreement apart: an estimator far from
 this reference is a poor approximation of G; a PBRF far from it is not
 converged (or ε is too large for the first-order regime).

@@ -134,7 +134,7 @@ def mean_token_loss(model: nn.Module, examples: list[dict[str, torch.Tensor]]) -
 
 
 def train_lm(spec: LMSpec, train: list[dict], vocab_size: int, lr: float, weight_decay: float, seed: int) -> nn.Module:
-    """AdamW on the mean over sequences of the summed token loss (METHOD.md §1), batch 32."""
+    """AdamW on the mean over sequences of the summed token loss (docs/method.md §1), batch 32."""
     model = make_lm(spec, vocab_size, seed).train()
     task = CausalLMTask()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

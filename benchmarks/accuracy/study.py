@@ -127,7 +127,7 @@ def mean_gn_eigenvalue(setup: Setup, seed: int = 0) -> float:
 def run_estimator(setup: Setup, method: str, damping: float, seed: int = 0) -> dict[str, Any]:
     """Fit ``method`` and score every training point for the 10 queries, timed.
 
-    Returns the scores [Q, N] (raw, METHOD.md §1: positive = raises f) and
+    Returns the scores [Q, N] (raw, docs/method.md §1: positive = raises f) and
     the seconds spent fitting and scoring. The damping is absolute (the
     PBRF's λ), the same for every layer. ``method`` is a strategy, or
     ``<strategy>_d<K>`` to fit on K label draws per training example.

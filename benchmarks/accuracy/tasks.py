@@ -72,7 +72,7 @@ class RegressionTask(Task):
 class ClassificationTask(Task):
     """Examples {"x": [D], "y": class}; L = cross-entropy, f = log p(y | x).
 
-    Pseudo-labels are drawn from softmax(h), one per example (METHOD.md §3).
+    Pseudo-labels are drawn from softmax(h), one per example (docs/method.md §3).
     """
 
     def collate(self, examples):

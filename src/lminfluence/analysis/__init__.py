@@ -1,4 +1,4 @@
-"""The paper's analyses of influence scores (METHOD.md §7).
+"""The paper's analyses of influence scores (docs/method.md §7).
 
 Pure functions on score arrays (``fit_power_law``, ``top_share``,
 ``layer_thirds``, ``crosslingual_rows``, ...) and ``analyze_run``, which

@@ -1,4 +1,4 @@
-"""How much of one language's top influence another language's query shares (METHOD.md §7, cross-lingual).
+"""How much of one language's top influence another language's query shares (docs/method.md §7, cross-lingual).
 
 Queries sharing a ``group`` ask the same thing; their ``language`` labels tell
 the versions apart. For each ordered pair (from, to) of queries of one group in

@@ -1,4 +1,4 @@
-"""Where in the network influence sits: layer shares and the lower / middle / upper thirds (METHOD.md §7).
+"""Where in the network influence sits: layer shares and the lower / middle / upper thirds (docs/method.md §7).
 
 Thirds are made of transformer blocks, the block number read from the module
 name (``model.layers.5.mlp.up_proj`` → 5). With n distinct blocks in

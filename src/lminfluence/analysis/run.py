@@ -64,7 +64,7 @@ def analyze_run(
     min_tail: int = MIN_TAIL,
     max_candidates: int | None = MAX_CANDIDATES,
 ) -> Analysis:
-    """Compute the paper's analyses (METHOD.md §7) of a scored run and write them under RUN/analysis/.
+    """Compute the paper's analyses (docs/method.md §7) of a scored run and write them under RUN/analysis/.
 
     Args:
         run_dir: a run directory where ``lminfluence score`` has run (with its default ``--save-matrix``).

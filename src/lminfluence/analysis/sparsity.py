@@ -1,10 +1,9 @@
-"""How concentrated influence is: a power-law fit of the upper tail and top-k % shares (METHOD.md §7).
+"""How concentrated influence is: a power-law fit of the upper tail and top-k % shares (docs/method.md §7).
 
 Convention. ``alpha`` is the exponent of the *density*, p(x) ∝ x^(-alpha) for
 x ≥ x_min, the number the ``powerlaw`` package reports and the one the paper
-quotes (α ≈ 2–4.3). METHOD.md §7 writes the fitted CDF as 1 − (x/x_min)^(−α'),
-an exponent of the *survival* function P(X > x) = (x/x_min)^(−α'); the two are
-related by α' = alpha − 1.
+quotes (α ≈ 2–4.3). The fit's survival function is P(X > x) = (x/x_min)^(−(alpha − 1))
+(docs/method.md §7).
 """
 
 from __future__ import annotations
@@ -75,8 +74,7 @@ def fit_power_law(x: np.ndarray, *, min_tail: int = MIN_TAIL, max_candidates: in
     x_min with the smallest D wins (ties: the smaller x_min).
 
     ``alpha`` is the density exponent; the survival function of the fit is
-    P(X > x) = (x / x_min)^(−(alpha − 1)), so the α of METHOD.md §7's
-    CDF 1 − (x/x_min)^(−α) is alpha − 1.
+    P(X > x) = (x / x_min)^(−(alpha − 1)).
 
     The search sorts once and takes every tail's log-sum from one cumulative
     sum; the KS distances are computed for blocks of candidates at a time.

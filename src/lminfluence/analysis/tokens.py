@@ -1,4 +1,4 @@
-"""The paper's spurious-sequence filter on per-token scores (METHOD.md §7).
+"""The paper's spurious-sequence filter on per-token scores (docs/method.md §7).
 
 With a = the per-token scores of a sequence (Eq 31), ‖a‖₂/‖a‖₁ lies between
 1/√T (influence spread evenly over T tokens) and 1 (all of it on one token).

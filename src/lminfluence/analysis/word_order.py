@@ -1,4 +1,4 @@
-"""The paper's word-order test (METHOD.md §7): does a statement keep its influence when its order flips?
+"""The paper's word-order test (docs/method.md §7): does a statement keep its influence when its order flips?
 
 Each pair holds a statement in one word order ("The first President of the
 Republic of Astrobia was Zorald Pfaff") and the same content flipped ("Zorald

@@ -20,7 +20,7 @@ class Curvature:
     For each pass the fitting loop calls ``accumulate`` once per batch with
     every layer's captures, then ``finalize`` with the pass's token and
     sequence counts. ``precondition`` applies (G + λI)⁻¹ per layer, in the
-    per-sequence scale of the summed loss (METHOD.md §1).
+    per-sequence scale of the summed loss (docs/method.md §1).
     """
 
     name: ClassVar[str]

@@ -50,13 +50,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import FactorConfig
 from ..errors import InputError, LissaDivergenceError
 from ..hooks.collector import LayerCapture
 from ..hooks.modules import LayerInfo
 from ..passes import collate_to, eval_mode, model_device
+from ..progress import progress
 from . import math as cm
 from .base import CORRECTION, Curvature
 from .gnvp import GaussNewtonProduct
@@ -197,23 +197,25 @@ class LissaSolver:
         r = {n: t.clone() for n, t in v.items()}
         update = torch.zeros_like(v_norm)
         norm = v_norm
-        for j in tqdm(range(cfg.lissa_depth), desc=f"lissa {repeat + 1}/{cfg.lissa_repeats}", disable=None, leave=False):
-            batch = batches.next()
-            size = next(iter(batch.values())).shape[0]
-            gr = gnvp(batch, size, r)
-            new = {n: v[n] + r[n] - alpha * (gr[n] + lam[n] * r[n]) for n in r}
-            norm = _norms(new)
-            bad = ~torch.isfinite(norm) | (norm > bound)
-            if bad.any():
-                q = int(bad.nonzero()[0])
-                raise LissaDivergenceError(
-                    f"LiSSA diverged at step {j + 1} of repeat {repeat + 1} (query {q}): ‖r‖ = {float(norm[q]):.3g} "
-                    f"{'is not finite' if not math.isfinite(float(norm[q])) else f'exceeds the bound {float(bound[q]):.3g}'}; "
-                    f"the scale α = {alpha:.3g} is too large for this curvature (α(μ_max + λ) must stay below 2): "
-                    "lower FactorConfig.lissa_scale, raise lissa_batch_size, or raise the damping"
-                )
-            update = _norms({n: new[n] - r[n] for n in r}) / norm.clamp_min(torch.finfo(torch.float64).tiny)
-            r = new
+        with progress(cfg.lissa_depth, f"lissa {repeat + 1}/{cfg.lissa_repeats}", "step") as bar:
+            for j in range(cfg.lissa_depth):
+                bar.update(1)
+                batch = batches.next()
+                size = next(iter(batch.values())).shape[0]
+                gr = gnvp(batch, size, r)
+                new = {n: v[n] + r[n] - alpha * (gr[n] + lam[n] * r[n]) for n in r}
+                norm = _norms(new)
+                bad = ~torch.isfinite(norm) | (norm > bound)
+                if bad.any():
+                    q = int(bad.nonzero()[0])
+                    raise LissaDivergenceError(
+                        f"LiSSA diverged at step {j + 1} of repeat {repeat + 1} (query {q}): ‖r‖ = {float(norm[q]):.3g} "
+                        f"{'is not finite' if not math.isfinite(float(norm[q])) else f'exceeds the bound {float(bound[q]):.3g}'}; "
+                        f"the scale α = {alpha:.3g} is too large for this curvature (α(μ_max + λ) must stay below 2): "
+                        "lower FactorConfig.lissa_scale, raise lissa_batch_size, or raise the damping"
+                    )
+                update = _norms({n: new[n] - r[n] for n in r}) / norm.clamp_min(torch.finfo(torch.float64).tiny)
+                r = new
         self.report = {
             "scale": alpha,
             "depth": cfg.lissa_depth,

@@ -1,4 +1,4 @@
-"""The curvature maths as pure functions on tensors (METHOD.md §3–4).
+"""The curvature maths as pure functions on tensors (docs/method.md §3–4).
 
 Shapes: B sequences, T positions, I = in-features (+1 for bias), O = out-features,
 Q queries. ā is ``a`` [B, T, I], the output-gradient is ``ds`` [B, T, O].

@@ -1,4 +1,4 @@
-"""The diagonal, K-FAC and EK-FAC approximations (METHOD.md §3)."""
+"""The diagonal, K-FAC and EK-FAC approximations (docs/method.md §3)."""
 
 from __future__ import annotations
 

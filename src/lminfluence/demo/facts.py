@@ -1,4 +1,4 @@
-"""Fictional facts in one word order, after the paper's word-order experiment (METHOD.md §7).
+"""Fictional facts in one word order, after the paper's word-order experiment (docs/method.md §7).
 
 Each fact is a subject phrase and an invented name. The corpus states it only
 as "<subject> was <name>" ("The first President of the Republic of Astrobia

@@ -100,7 +100,7 @@ def _batch(pieces: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def train_model(model: Any, pieces: list[list[int]], settings: TrainSettings, seed: int, progress: bool = True) -> list[float]:
     """Train ``model`` in place on ``pieces`` with AdamW; the mean token loss of each epoch."""
-    from tqdm.auto import tqdm
+    from ..progress import LogProgress, progress as progress_bar
 
     rng = random.Random(f"lminfluence-demo-train-{seed}")
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]
@@ -122,7 +122,7 @@ def train_model(model: Any, pieces: list[list[int]], settings: TrainSettings, se
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses = []
-    bar = tqdm(total=total, desc="training demo model", disable=not progress, unit="step")
+    bar = progress_bar(total, "training demo model", "step") if progress else LogProgress(total, "", "", interval=float("inf"))
     for epoch in range(settings.epochs):
         order = list(range(len(pieces)))
         rng.shuffle(order)

@@ -1,4 +1,4 @@
-"""LDS, the linear datamodeling score (METHOD.md §8): do summed scores predict retraining?
+"""LDS, the linear datamodeling score (docs/method.md §8): do summed scores predict retraining?
 
 Draw M random subsets of the training set (half of it by default), retrain on
 each with several seeds, and record the measurements of T test queries. For

@@ -1,4 +1,4 @@
-"""PBRF, the proximal Bregman response function (METHOD.md §8, Eqs 7–9): ground truth for influence.
+"""PBRF, the proximal Bregman response function (docs/method.md §8, Eqs 7–9): ground truth for influence.
 
 For a trained model θ_s, a training example z and the measurements f of some
 queries, the PBRF optimum is
@@ -8,7 +8,7 @@ queries, the PBRF optimum is
 and the PBRF influence of z is (f(θ_ε) - f(θ_s)) / ε. The sum runs over the
 N training examples, h are the model outputs, D is the Bregman divergence of
 the output loss, and λ the damping. Sign and scale are the library's
-(METHOD.md §1): +ε L(z) up-weights z in the mean objective, so a positive value
+(docs/method.md §1): +ε L(z) up-weights z in the mean objective, so a positive value
 means up-weighting z raises f, and to first order in ε the PBRF influence is
 -∇fᵀ(G + λI)⁻¹∇L(z) with G the Gauss–Newton Hessian of the mean summed loss:
 the Hessian of the Bregman term at θ_s.

@@ -1,4 +1,4 @@
-"""TF-IDF candidate selection (METHOD.md §6)."""
+"""TF-IDF candidate selection (docs/method.md §6)."""
 
 from .tfidf import TfidfIndex
 

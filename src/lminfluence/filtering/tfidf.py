@@ -1,4 +1,4 @@
-"""TF-IDF candidate filtering over the model's token ids (METHOD.md §6, paper Eqs 28–29).
+"""TF-IDF candidate filtering over the model's token ids (docs/method.md §6, paper Eqs 28–29).
 
 With binary term occurrence x_t ∈ {0, 1} the paper's BM25-style score of a
 document D for a query Q is

@@ -1,7 +1,7 @@
 """One query's section of the report: prompt and completion, score histogram, sequence cards.
 
 A card shows one training sequence: its rank, score and provenance, its text as a
-token heatmap (METHOD.md §5: token t carries the term of predicting token t+1, so
+token heatmap (docs/method.md §5: token t carries the term of predicting token t+1, so
 tokens.parquet's score is shown on its own token), and its score per block.
 """
 

@@ -1,4 +1,4 @@
-"""Per-layer contractions between preconditioned queries and training captures (METHOD.md §5).
+"""Per-layer contractions between preconditioned queries and training captures (docs/method.md §5).
 
 score(q, z) for one layer = Σ_t ds_tᵀ P_q ā_t. Two ways to compute it:
 

@@ -29,7 +29,7 @@ SCALE_NOTE = (
 
 @dataclass
 class Scores:
-    """Influence scores (METHOD.md §1: positive = raises log p(completion)).
+    """Influence scores (docs/method.md §1: positive = raises log p(completion)).
 
     Attributes:
         total: [Q, N] for pairwise scores, [N] for self-influence.

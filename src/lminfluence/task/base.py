@@ -17,7 +17,7 @@ class Task(ABC):
     Every loss returns one value per example, shape [B]; the engine sums them.
     Influence is computed for the training objective mean_z L(z, θ) with L the
     per-example loss below, and for the measurement f of each query
-    (METHOD.md §1).
+    (docs/method.md §1).
     """
 
     @abstractmethod
