@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from .errors import InputError
 from .hooks.collector import Collector, LayerCapture
 from .progress import progress
 from .task.base import Task
@@ -134,7 +136,7 @@ def run_pass(
             bar.update(len(examples))
             yield BatchCapture(captures, len(examples), tokens)
     if seen == 0:
-        raise ValueError(f"{desc or 'the data'}: no examples (the dataset is empty)")
+        raise InputError(f"{desc or 'the data'}: no examples (the dataset is empty)")
 
 
 __all__ = ["as_reiterable", "batches", "collate_to", "run_pass", "tracking", "eval_mode", "model_device", "BatchCapture", "LossKind"]

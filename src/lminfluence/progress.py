@@ -49,6 +49,9 @@ class LogProgress:
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
 
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
     def _log(self, now: float) -> None:
         elapsed = now - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0

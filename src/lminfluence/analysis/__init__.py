@@ -12,7 +12,12 @@ from .layers import layer_shares, layer_thirds, third_rank_agreement
 from .run import Analysis, analyze_run, table_path
 from .sparsity import PowerLawFit, fit_power_law, rank_curve, top_share
 from .tokens import is_spurious, l2_l1_ratio
-from .word_order import StatementPair, read_pairs, score_word_order, summarize_word_order
+from .word_order import (
+    StatementPair,
+    read_pairs,
+    score_word_order,
+    summarize_word_order,
+)
 
 __all__ = [
     "analyze_run",

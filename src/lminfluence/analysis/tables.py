@@ -12,8 +12,21 @@ import numpy as np
 import pyarrow as pa
 
 from ..workflow.tables import block_of
-from .layers import THIRDS, layer_shares, layer_thirds, third_rank_agreement, third_shares
-from .sparsity import MAX_CANDIDATES, MIN_TAIL, SHARE_FRACTIONS, fit_power_law, rank_curve, top_share
+from .layers import (
+    THIRDS,
+    layer_shares,
+    layer_thirds,
+    third_rank_agreement,
+    third_shares,
+)
+from .sparsity import (
+    MAX_CANDIDATES,
+    MIN_TAIL,
+    SHARE_FRACTIONS,
+    fit_power_law,
+    rank_curve,
+    top_share,
+)
 from .tokens import grouped_l2_l1, is_spurious
 
 _F, _I32, _I64, _S = pa.float64(), pa.int32(), pa.int64(), pa.string()

@@ -16,7 +16,14 @@ from ..config import Execution, FactorConfig
 from ..errors import InputError
 from ..scoring.two_stage import TwoStageConfig
 from ..storage.atomic import atomic_write_json
-from ..workflow.config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreFiles, ScoreSection
+from ..workflow.config import (
+    CorpusSection,
+    FitSection,
+    ModelSection,
+    RunConfig,
+    ScoreFiles,
+    ScoreSection,
+)
 from .logging import attach_log
 
 REQUIRED_ACCURACY = 0.9  # the acceptance bar of the full-scale demo
@@ -33,8 +40,8 @@ def demo_config(inputs, run_dir: Path) -> RunConfig:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..demo import prepare_demo
     from ..analysis import analyze_run
+    from ..demo import prepare_demo
     from ..demo.summary import print_top, read_word_order, statement_pairs, summarize
     from ..report import write_report
     from ..workflow.fitting import execute_fit, prepare_fit

@@ -14,7 +14,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
-from ..workflow.config import Composite, CorpusSection, FitSection, ModelSection, ScoreSection, flag_of, key_of
+from ..workflow.config import (
+    Composite,
+    CorpusSection,
+    FitSection,
+    ModelSection,
+    ScoreSection,
+    flag_of,
+    key_of,
+)
 
 SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection}
 

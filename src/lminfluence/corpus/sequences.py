@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ..errors import CorruptFileError, InputError
 from ..progress import LogProgress
 from ..progress import progress as progress_bar

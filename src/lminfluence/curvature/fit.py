@@ -13,9 +13,17 @@ import torch
 from torch import nn
 
 from ..config import Execution, FactorConfig
+from ..errors import InputError
 from ..fingerprint import model_fingerprint
 from ..hooks.modules import layer_info, resolve_modules
-from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass, tracking
+from ..passes import (
+    BatchCapture,
+    as_reiterable,
+    model_device,
+    num_examples,
+    run_pass,
+    tracking,
+)
 from ..task.base import Task
 from .factors import Factors
 from .strategies import make_curvature
@@ -133,7 +141,7 @@ def fit_factors(
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
         num_sequences = sum(1 for _ in train)
         if num_sequences == 0:
-            raise ValueError("train: no examples (the dataset is empty)")
+            raise InputError("train: no examples (the dataset is empty)")
     factors = Factors(
         config=config,
         curvature=curvature,

@@ -100,7 +100,8 @@ def _batch(pieces: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def train_model(model: Any, pieces: list[list[int]], settings: TrainSettings, seed: int, progress: bool = True) -> list[float]:
     """Train ``model`` in place on ``pieces`` with AdamW; the mean token loss of each epoch."""
-    from ..progress import LogProgress, progress as progress_bar
+    from ..progress import LogProgress
+    from ..progress import progress as progress_bar
 
     rng = random.Random(f"lminfluence-demo-train-{seed}")
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]

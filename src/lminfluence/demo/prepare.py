@@ -28,11 +28,17 @@ from typing import Any, Literal
 
 import torch
 
-from . import corpus as corpus_mod
-from .facts import fact_queries, make_facts
 from ..corpus.sequences import SequenceStore
 from ..storage.atomic import atomic_write_text
-from .model import TrainSettings, completion_stats, make_model, train_model, train_tokenizer
+from . import corpus as corpus_mod
+from .facts import fact_queries, make_facts
+from .model import (
+    TrainSettings,
+    completion_stats,
+    make_model,
+    train_model,
+    train_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 

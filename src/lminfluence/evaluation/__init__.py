@@ -1,7 +1,13 @@
 """Ground truth for checking influence estimators (docs/method.md §8): PBRF and LDS."""
 
 from .lds import GroundTruth, LDSResult, build_ground_truth, lds, make_subsets
-from .pbrf import PBRFConfig, PBRFConvergenceError, PBRFResult, bregman_divergence, pbrf_influence
+from .pbrf import (
+    PBRFConfig,
+    PBRFConvergenceError,
+    PBRFResult,
+    bregman_divergence,
+    pbrf_influence,
+)
 
 __all__ = [
     "PBRFConfig",

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import InputError
+
 K1 = 1.5
 
 
@@ -27,14 +29,14 @@ def _indicator(token_lists: Iterable[Sequence[int]], vocab_size: int | None) -> 
     for i, tokens in enumerate(token_lists):
         ids = np.unique(np.asarray(tokens, dtype=np.int64))
         if ids.size and ids[0] < 0:
-            raise ValueError(f"row {i}: negative token id {int(ids[0])}")
+            raise InputError(f"row {i}: negative token id {int(ids[0])}")
         indices.append(ids)
         indptr.append(indptr[-1] + ids.size)
     cols = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
     width = int(cols.max()) + 1 if cols.size else 0
     if vocab_size is not None:
         if width > vocab_size:
-            raise ValueError(f"token id {width - 1} is outside the vocabulary of {vocab_size}")
+            raise InputError(f"token id {width - 1} is outside the vocabulary of {vocab_size}")
         width = vocab_size
     data = np.ones(cols.size, dtype=np.float32)
     return sp.csr_matrix((data, cols, np.asarray(indptr)), shape=(len(indptr) - 1, width))
@@ -60,7 +62,7 @@ class TfidfIndex:
         """Index documents given as token-id sequences."""
         docs = _indicator(documents, vocab_size)  # [C, V]
         if docs.shape[0] == 0:
-            raise ValueError("cannot build a TF-IDF index of an empty corpus")
+            raise InputError("cannot build a TF-IDF index of an empty corpus")
         doc_freq = np.asarray(docs.sum(axis=0)).ravel().astype(np.int64)
         return cls(docs.T.tocsr(), doc_freq, docs.shape[0], k1)
 
@@ -81,7 +83,7 @@ class TfidfIndex:
         Ties are broken by the lower document index, so the result is deterministic.
         """
         if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
+            raise InputError(f"k must be ≥ 1, got {k}")
         s = self.scores(queries)
         k = min(k, s.shape[1])
         part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))

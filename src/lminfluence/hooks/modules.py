@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 try:  # transformers' GPT-2 layer: weight stored [I, O]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a core dependency
@@ -106,7 +108,7 @@ def resolve_modules(model: nn.Module, patterns: Sequence[str] | None) -> dict[st
     patterns = ("mlp",) if patterns is None else tuple(patterns)
     candidates = {n: m for n, m in model.named_modules() if n and is_supported(m)}
     if not candidates:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to track")
+        raise InputError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to track")
     chosen: set[str] = set()
     for pattern in patterns:
         if pattern in PRESETS:
@@ -120,7 +122,7 @@ def resolve_modules(model: nn.Module, patterns: Sequence[str] | None) -> dict[st
                 if pattern in PRESETS
                 else "check the spelling"
             )
-            raise ValueError(
+            raise InputError(
                 f"module pattern {pattern!r} matched no linear layer ({hint}); "
                 f"linear layers include: {examples}{', …' if len(candidates) > 6 else ''}"
             )

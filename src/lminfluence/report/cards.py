@@ -16,7 +16,6 @@ from .load import Query, Shown
 from .plots import blocks_svg, fmt, histogram_svg, level
 
 
-
 def _token_text(token: str) -> str:
     text = escape(token)
     if "\n" in token:  # a newline has no width to colour: mark it, then break the line

@@ -17,7 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from ..storage.layout import LAYERS_TABLE, QUERIES_TABLE, RUN_CONFIG, RUN_MANIFEST, SEQUENCES_FILE, TOKENS_TABLE, TOP_TABLE
+from ..storage.layout import (
+    LAYERS_TABLE,
+    QUERIES_TABLE,
+    RUN_CONFIG,
+    RUN_MANIFEST,
+    SEQUENCES_FILE,
+    TOKENS_TABLE,
+    TOP_TABLE,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
+from ..errors import InputError
 from ..passes import as_reiterable, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores
@@ -45,7 +46,9 @@ class Scores:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest scores of each query and their training indices, [Q, k] each."""
+        """The k largest scores of each query and their training indices, [Q, min(k, N)] each."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
         return torch.topk(self.total, min(k, self.total.shape[-1]), dim=-1)
 
 
@@ -203,7 +206,7 @@ def compute_self_scores(
     ``Scores.per_layer`` with [N] tensors; per-token self-influence is not defined.
     """
     if config.per_token:
-        raise ValueError("per_token is not defined for self-influence; use per_layer")
+        raise InputError("per_token is not defined for self-influence; use per_layer")
     modules, dampings, task, meta = _setup(model, factors, config, task)
     curvature = factors.curvature
     totals: list[torch.Tensor] = []

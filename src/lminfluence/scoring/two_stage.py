@@ -396,7 +396,7 @@ def two_stage_scores(
     else:
         final, choice, detail_rank = first, first, config.query_rank
     shown = run.details(union, choice, detail_rank)
-    from .pairwise import layer_dampings, SCALE_NOTE
+    from .pairwise import SCALE_NOTE, layer_dampings
 
     meta = {"strategy": factors.strategy, "damping": layer_dampings(factors, config), "query_rank": config.query_rank,
             "train_size": factors.num_sequences, "scale": SCALE_NOTE}  # fmt: skip

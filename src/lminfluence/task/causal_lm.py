@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import InputError
 from .base import Batch, Task
 
 IGNORE_INDEX = -100
@@ -17,9 +18,9 @@ SAMPLE_CHUNK = 1024  # positions whose predictive distribution is materialised a
 def _as_long_1d(value: Any, key: str, index: int) -> torch.Tensor:
     t = torch.as_tensor(value)
     if t.dim() != 1:
-        raise ValueError(f"example {index}: {key!r} must be 1-D, got shape {tuple(t.shape)}")
+        raise InputError(f"example {index}: {key!r} must be 1-D, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
+        raise InputError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
     return t.long()
 
 
@@ -52,21 +53,21 @@ class CausalLMTask(Task):
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> Batch:
         if len(examples) == 0:
-            raise ValueError("cannot collate an empty batch")
+            raise InputError("cannot collate an empty batch")
         ids, masks, labels = [], [], []
         for i, ex in enumerate(examples):
             if not isinstance(ex, Mapping) or "input_ids" not in ex:
-                raise ValueError(f"example {i} must be a dict with 'input_ids', got {type(ex).__name__}")
+                raise InputError(f"example {i} must be a dict with 'input_ids', got {type(ex).__name__}")
             x = _as_long_1d(ex["input_ids"], "input_ids", i)
             if x.numel() < 2:
-                raise ValueError(f"example {i} has {x.numel()} token(s); a sequence needs at least 2")
+                raise InputError(f"example {i} has {x.numel()} token(s); a sequence needs at least 2")
             m = _as_long_1d(ex["attention_mask"], "attention_mask", i) if ex.get("attention_mask") is not None else torch.ones_like(x)
             y = _as_long_1d(ex["labels"], "labels", i) if ex.get("labels") is not None else x.clone()
             if m.shape != x.shape or y.shape != x.shape:
-                raise ValueError(f"example {i}: input_ids, attention_mask and labels must have the same length")
+                raise InputError(f"example {i}: input_ids, attention_mask and labels must have the same length")
             y = y.masked_fill(m == 0, IGNORE_INDEX)
             if not (y[1:] != IGNORE_INDEX).any():
-                raise ValueError(f"example {i} has no token that carries loss (all labels are -100 or padding)")
+                raise InputError(f"example {i} has no token that carries loss (all labels are -100 or padding)")
             ids.append(x)
             masks.append(m)
             labels.append(y)
@@ -82,6 +83,13 @@ class CausalLMTask(Task):
         }
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None)
+        if vocab is not None and int(batch["input_ids"].max()) >= vocab:
+            raise InputError(
+                f"token id {int(batch['input_ids'].max())} is outside the model's vocabulary of {vocab}: "
+                "were the examples tokenized with another model's tokenizer?"
+            )
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits if hasattr(out, "logits") else out
 
@@ -131,13 +139,13 @@ def examples_from_pairs(
     out = []
     for i, (prompt, completion) in enumerate(pairs):
         if not completion:
-            raise ValueError(f"pair {i}: the completion is empty; influence needs a completion to measure")
+            raise InputError(f"pair {i}: the completion is empty; influence needs a completion to measure")
         p = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if not c:
-            raise ValueError(f"pair {i}: the completion {completion!r} tokenizes to nothing")
+            raise InputError(f"pair {i}: the completion {completion!r} tokenizes to nothing")
         if not p:
-            raise ValueError(f"pair {i}: the prompt is empty; give at least one token (e.g. BOS) to condition on")
+            raise InputError(f"pair {i}: the prompt is empty; give at least one token (e.g. BOS) to condition on")
         out.append({"input_ids": list(p) + list(c), "labels": [IGNORE_INDEX] * len(p) + list(c)})
     return out
 

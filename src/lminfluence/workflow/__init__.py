@@ -1,6 +1,13 @@
 """The command-line stages over a run directory: fit, score (tables), with resume and staged outputs."""
 
-from .config import CorpusSection, FitSection, ModelSection, RunConfig, ScoreFiles, ScoreSection
+from .config import (
+    CorpusSection,
+    FitSection,
+    ModelSection,
+    RunConfig,
+    ScoreFiles,
+    ScoreSection,
+)
 from .fitting import prepare_fit, run_fit
 from .scoring import prepare_score, run_score
 

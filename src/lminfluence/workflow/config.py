@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-from ..config import Execution, FactorConfig, ScoreConfig, Serializable, check_bool, check_choice, check_positive_int, option
+from ..config import (
+    Execution,
+    FactorConfig,
+    ScoreConfig,
+    Serializable,
+    check_bool,
+    check_choice,
+    check_positive_int,
+    option,
+)
 from ..errors import ConfigError, InputError
 from ..scoring.two_stage import TwoStageConfig
 
