@@ -48,6 +48,18 @@ def attach_log(run_dir: str | Path, command: str, *, ready: bool = False) -> Non
     logger.addHandler(DeferredFileHandler(Path(run_dir).expanduser().resolve(), command, ready=ready))
 
 
+def _hf_progress_bars(enable: bool | None) -> bool:
+    """Whether transformers draws its own bars (loading weights); set it when ``enable`` is not None."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if enable is True:
+        hf_logging.enable_progress_bar()
+    elif enable is False:
+        hf_logging.disable_progress_bar()
+    return was
+
+
 @contextmanager
 def command_logging(quiet: bool) -> Iterator[None]:
     """Messages to stderr (warnings only with ``quiet``, bars off too); every handler added is removed on exit."""
@@ -59,11 +71,14 @@ def command_logging(quiet: bool) -> Iterator[None]:
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+    hf_bars = _hf_progress_bars(None)
     if quiet:  # progress bars too (ours and the libraries' tqdm bars)
         os.environ["TQDM_DISABLE"] = "1"
+        _hf_progress_bars(False)
     try:
         yield
     finally:  # leave the process as it was (tests and notebooks call main() many times)
+        _hf_progress_bars(hf_bars)
         for h in [h for h in logger.handlers if h not in handlers]:
             logger.removeHandler(h)
             h.close()
