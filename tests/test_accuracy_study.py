@@ -5,19 +5,14 @@ result tables are well formed and mean what they say; no wall-clock asserts.
 """
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from accuracy import tasks as mlp  # noqa: E402
-from accuracy.exact import exact_influence  # noqa: E402
-from accuracy.study import Setup, per_query_pearson, run_estimator, split_method  # noqa: E402
-from accuracy.tables import correlation_table, time_table  # noqa: E402
+from accuracy import tasks as mlp  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+from accuracy.exact import exact_influence
+from accuracy.study import Setup, per_query_pearson, run_estimator, split_method
+from accuracy.tables import correlation_table, time_table
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,9 @@ up-weighting of a training sequence in the mean training objective:
 positive means the sequence makes the completion more likely.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .config import Execution, FactorConfig, ScoreConfig
 from .curvature.factors import Factors, load_factors
 from .curvature.fit import fit_factors
@@ -13,7 +16,10 @@ from .scoring.pairwise import Scores, compute_scores, compute_self_scores
 from .task.base import Task
 from .task.causal_lm import CausalLMTask, examples_from_pairs
 
-__version__ = "0.1.0"
+try:  # one version number: pyproject.toml's, as installed
+    __version__ = _version("lminfluence")
+except PackageNotFoundError:  # a source tree used without installing it
+    __version__ = "0+unknown"
 
 __all__ = [
     "FactorConfig",

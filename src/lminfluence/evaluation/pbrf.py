@@ -61,13 +61,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from tqdm.auto import tqdm
 
 from ..curvature.gnvp import TaskModule
-from ..errors import PBRFConvergenceError
+from ..errors import InputError, PBRFConvergenceError
 from ..fingerprint import tensors_fingerprint
 from ..hooks.modules import resolve_modules
 from ..passes import batches, collate_to, eval_mode, model_device
+from ..progress import progress
 from ..task.base import Task
 from ._files import check_settings, read_json, write_json
 from ._optim import solve
@@ -308,92 +308,42 @@ def pbrf_influence(
     if not isinstance(config, PBRFConfig):
         raise TypeError(f"config must be a PBRFConfig, got {type(config).__name__}")
     task = task or CausalLMTask()
-    if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
-        train = list(train)
-    queries = list(queries)
-    if len(train) == 0 or len(queries) == 0:
-        raise ValueError("PBRF needs at least one training example and one query")
-    N = len(train)
-    indices = list(range(N)) if indices is None else [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < N]
-    if bad or len(set(indices)) != len(indices):
-        raise ValueError(f"indices must be distinct training indices in [0, {N}); got {bad[:4] or 'duplicates'}")
+    train, queries, indices = _check_data(train, queries, indices)
     dampings = _parameter_dampings(model, modules, damping)
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in dampings}
     if any(p.dtype != torch.float64 for p in params.values()):
         logger.warning("PBRF differences of order ε² cancel badly below float64; convert the model with .double()")
-    device = model_device(model)
-
     settings = json.loads(json.dumps({
         "config": {k: v for k, v in asdict(config).items() if k not in ("points_per_batch", "batch_size", "strict")},
         "damping": dampings,
-        "num_train": N,
+        "num_train": len(train),
         "num_queries": len(queries),
         "fingerprint": tensors_fingerprint(params.items()),
         "divergence": None if divergence is None else getattr(divergence, "__qualname__", repr(divergence)),
-    }))
+    }))  # fmt: skip
     out_dir = Path(output_dir) if output_dir is not None else None
-    if out_dir is not None:
-        check_settings(out_dir / "pbrf.json", settings, "PBRF results")
     done: dict[int, dict[str, Any]] = {}
     if out_dir is not None:
-        for i in indices:
-            path = out_dir / "points" / f"{i}.json"
-            if path.is_file():
-                done[i] = read_json(path)
+        check_settings(out_dir / "pbrf.json", settings, "PBRF results")
+        done = {i: read_json(out_dir / "points" / f"{i}.json") for i in indices if (out_dir / "points" / f"{i}.json").is_file()}
     pending = [i for i in indices if i not in done]
     computed: list[int] = []
     failed: list[int] = []
-
-    # torch.func.grad ignores the outer no_grad: only the parameters that are not optimised stop building graphs
-    with eval_mode(model), torch.no_grad():
-        if pending:
-            obj = _Objective(model, task, train, params, dampings, config.epsilon, config.batch_size, divergence, device)
-            q_batch = collate_to(task, queries, device)
-
-            def measure(delta: Params) -> torch.Tensor:
-                return task.measurement(obj.outputs(delta, q_batch), q_batch)
-
-            with torch.no_grad():
-                f_s = task.measurement(functional_call(obj.module, obj.theta, (q_batch,)), q_batch)  # [Q]
-            signs_per_point = (1.0, -1.0) if config.central else (1.0,)
-            bar = tqdm(total=len(pending), desc="pbrf", unit="point", disable=None, leave=False)
-            for start in range(0, len(pending), config.points_per_batch):
-                group = pending[start : start + config.points_per_batch]
-                runs = [(i, s) for i in group for s in signs_per_point]
-                z = collate_to(task, [train[i] for i, _ in runs], device)
-                signs = torch.tensor([s for _, s in runs], dtype=next(iter(params.values())).dtype, device=device)
-                delta, conv, steps, rel = solve(obj, z, signs, obj.z_losses(z), config)
-                with torch.no_grad():
-                    f = vmap(measure)(delta)  # [K, Q]
-                S = len(signs_per_point)
-                for j, i in enumerate(group):
-                    rows = slice(j * S, (j + 1) * S)
-                    if config.central:
-                        infl = (f[j * S] - f[j * S + 1]) / (2 * config.epsilon)
-                    else:
-                        infl = (f[j * S] - f_s) / config.epsilon
-                    rec = {
-                        "index": i,
-                        "influence": infl.double().cpu().tolist(),
-                        "converged": bool(conv[rows].all()),
-                        "steps": int(steps[rows].max()),
-                        "rel_grad": float(rel[rows].max()),
-                    }
-                    if not rec["converged"]:
-                        logger.warning("PBRF point %d: not converged after %d steps (‖∇J‖ ratio %.2e)", i, rec["steps"], rec["rel_grad"])
-                        if config.strict:
-                            failed.append(i)
-                            continue
-                    done[i] = rec
-                    computed.append(i)
-                    if out_dir is not None:
-                        write_json(out_dir / "points" / f"{i}.json", rec)
-                bar.update(len(group))
-                if failed:
-                    break
-            bar.close()
+    if pending:
+        # torch.func.grad ignores the outer no_grad: only the parameters that are not optimised stop building graphs
+        with eval_mode(model), torch.no_grad():
+            obj = _Objective(model, task, train, params, dampings, config.epsilon, config.batch_size, divergence, model_device(model))
+            for rec in _solve_points(obj, task, train, queries, pending, config):
+                if not rec["converged"]:
+                    logger.warning("PBRF point %d: not converged after %d steps (‖∇J‖ ratio %.2e)", rec["index"], rec["steps"], rec["rel_grad"])
+                    if config.strict:
+                        failed.append(rec["index"])
+                        continue
+                done[rec["index"]] = rec
+                computed.append(rec["index"])
+                if out_dir is not None:
+                    write_json(out_dir / "points" / f"{rec['index']}.json", rec)
     if failed:
         raise PBRFConvergenceError(
             f"PBRF did not converge for training point(s) {failed} within max_steps={config.max_steps} "
@@ -409,6 +359,62 @@ def pbrf_influence(
         computed=computed,
         meta=settings,
     )
+
+
+def _check_data(train: Any, queries: Iterable[Mapping[str, Any]], indices: Iterable[int] | None) -> tuple[Any, list, list[int]]:
+    """The training set (indexable), the queries and the distinct training indices to compute."""
+    if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
+        train = list(train)
+    queries = list(queries)
+    if len(train) == 0 or len(queries) == 0:
+        raise InputError("PBRF needs at least one training example and one query")
+    N = len(train)
+    chosen = list(range(N)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in chosen if not 0 <= i < N]
+    if bad or len(set(chosen)) != len(chosen):
+        raise InputError(f"indices must be distinct training indices in [0, {N}); got {bad[:4] or 'duplicates'}")
+    return train, queries, chosen
+
+
+def _solve_points(obj: "_Objective", task: Task, train: Any, queries: list, pending: list[int], config: PBRFConfig) -> Iterable[dict[str, Any]]:
+    """Solve the PBRF objective for the pending points, ``points_per_batch`` at a time (vmapped); one record per point.
+
+    Stops after the first batch holding a point that did not converge when ``config.strict``.
+    """
+    device = obj.device
+    q_batch = collate_to(task, queries, device)
+
+    def measure(delta: Params) -> torch.Tensor:
+        return task.measurement(obj.outputs(delta, q_batch), q_batch)
+
+    f_s = task.measurement(functional_call(obj.module, obj.theta, (q_batch,)), q_batch)  # [Q]
+    signs_per_point = (1.0, -1.0) if config.central else (1.0,)
+    S = len(signs_per_point)
+    dtype = next(iter(obj.theta.values())).dtype
+    with progress(len(pending), "pbrf", "point") as bar:
+        for start in range(0, len(pending), config.points_per_batch):
+            group = pending[start : start + config.points_per_batch]
+            runs = [(i, s) for i in group for s in signs_per_point]
+            z = collate_to(task, [train[i] for i, _ in runs], device)
+            signs = torch.tensor([s for _, s in runs], dtype=dtype, device=device)
+            delta, conv, steps, rel = solve(obj, z, signs, obj.z_losses(z), config)
+            f = vmap(measure)(delta)  # [K, Q]
+            converged_all = True
+            for j, i in enumerate(group):
+                rows = slice(j * S, (j + 1) * S)
+                infl = (f[j * S] - f[j * S + 1]) / (2 * config.epsilon) if config.central else (f[j * S] - f_s) / config.epsilon
+                rec = {
+                    "index": i,
+                    "influence": infl.double().cpu().tolist(),
+                    "converged": bool(conv[rows].all()),
+                    "steps": int(steps[rows].max()),
+                    "rel_grad": float(rel[rows].max()),
+                }
+                converged_all &= rec["converged"]
+                yield rec
+            bar.update(len(group))
+            if config.strict and not converged_all:
+                return
 
 
 __all__ = ["PBRFConfig", "PBRFResult", "PBRFConvergenceError", "pbrf_influence", "bregman_divergence"]
