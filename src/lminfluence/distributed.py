@@ -1,0 +1,192 @@
+"""Data parallelism over ``torch.distributed``, as launched by ``torchrun``: who this process is, the few
+collectives the passes need, and errors that stop every rank instead of leaving the others waiting.
+
+Nothing here starts processes: ``torchrun --nproc-per-node K -m lminfluence …`` (or any launcher that sets
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``) does, and ``init`` joins the group it describes.
+A process group the user initialised already is used as it is. Without one, every function behaves as
+for a single process (rank 0 of 1), so the library's code paths are the same either way.
+
+Synchronisation happens once per pass, never inside a hook: each rank computes on its own shard of the
+data, then ``check`` runs a small collective in which every rank reports whether it failed; if any did,
+all raise ``DistributedError`` with the failing rank's message (a rank that died outright is handled by
+``torchrun``, which stops the others).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import LminfluenceError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TIMEOUT_SECONDS = float(os.environ.get("LMINFLUENCE_DIST_TIMEOUT", "1800"))
+
+
+class DistributedError(LminfluenceError):
+    """Another rank failed; this rank stops too (the message names the rank and its error)."""
+
+
+def active() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (or in a single process): the one that logs, draws bars and writes shared files."""
+    return rank() == 0
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(device: str | torch.device | None = None) -> bool:
+    """Join the process group that torchrun's environment describes; False when there is none (one process).
+
+    Picks NCCL when ``device`` (default: CUDA when available) is a GPU, gloo otherwise, and
+    on CUDA binds this process to its ``LOCAL_RANK``'s GPU. Idempotent.
+    """
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend_for(dev), timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+    logger.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return True
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every world_size-th one, from its rank (deterministic, balanced)."""
+    return list(items[rank() :: world_size()])
+
+
+def owner(index: int) -> int:
+    """The rank that owns item ``index`` under ``shard``."""
+    return index % world_size()
+
+
+def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum ``tensors`` over all ranks, in place (as float64, whatever their dtype), in one flattened collective."""
+    if not active() or not tensors:
+        return
+    device = _device_of(tensors)
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s (shapes and dtypes must agree)."""
+    if not active():
+        return
+    device = _device_of(tensors)
+    for t in tensors:
+        buf = t.to(device)
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf.to(t.device))
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled: for small things, not for tensors of many MB)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def check(error: BaseException | None = None) -> None:
+    """A synchronisation point: raise on every rank if any rank arrives with an ``error``.
+
+    Call it on every rank, at the same point of the computation, before a collective: a rank
+    that failed reports its error instead of entering the collective the others wait in.
+    """
+    if not active():
+        if error is not None:
+            raise error
+        return
+    reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, message = failed[0]
+        raise DistributedError(f"rank {r} failed: {message}")
+
+
+@contextmanager
+def checked() -> Iterator[None]:
+    """Run a block of local work (no collective inside), then ``check`` on every rank with its outcome."""
+    try:
+        yield
+    except Exception as e:  # reported to the other ranks, then raised here
+        check(e)
+        raise
+    check(None)
+
+
+__all__ = [
+    "DistributedError",
+    "active",
+    "rank",
+    "world_size",
+    "is_main",
+    "init",
+    "shard",
+    "owner",
+    "all_reduce_sum_",
+    "broadcast_",
+    "all_gather_objects",
+    "broadcast_object",
+    "barrier",
+    "check",
+    "checked",
+    "backend_for",
+]
