@@ -50,3 +50,42 @@ def test_single_process_is_rank_zero_of_one():
     from lminfluence import distributed as d
 
     assert (d.rank(), d.world_size(), d.is_main(), d.shard([1, 2, 3])) == (0, 1, True, [1, 2, 3])
+
+
+def _two_stage(world_tag: str):
+    """The two-stage procedure on a tiny float64 GPT-2 (the same model, data and factors on every rank)."""
+    import numpy as np
+    from helpers import random_queries, random_sequences, tiny_gpt2
+
+    import lminfluence as li
+    from lminfluence.scoring.two_stage import TwoStageConfig, two_stage_scores
+
+    model, train, queries = tiny_gpt2(layers=2), random_sequences(23), random_queries(5)
+    factors = li.fit_factors(model, train)
+    result = two_stage_scores(
+        model, factors, queries, train, li.ScoreConfig(query_rank=2), TwoStageConfig(candidates=15, rescore_top=4, top=3),
+        execution=li.Execution(batch_size=4, query_batch_size=2), chunk_size=5,
+    )  # fmt: skip
+    return {
+        "columns": result.columns, "first": result.first, "final": result.final,
+        "shown": [(s.indices, s.total, np.stack(list(s.per_layer.values())), s.per_token) for s in result.shown],
+    }  # fmt: skip
+
+
+def test_two_stage_scores_do_not_depend_on_the_number_of_processes():
+    """Two ranks splitting the scan's chunks, the re-score's and the details' query groups (each rank
+    preconditioning its share of the queries once and broadcasting it) give the one-process result:
+    candidates, scan, re-score and shown details, to 1e-10 relative on a float64 model."""
+    import numpy as np
+
+    one = _two_stage("1")
+    results = run_ranks(_two_stage, "2")
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for _, got in results:
+        np.testing.assert_array_equal(got["columns"], one["columns"])
+        for key in ("first", "final"):
+            np.testing.assert_allclose(got[key], one[key], rtol=1e-10, atol=1e-12 * np.nanmax(np.abs(one[key])), equal_nan=True)
+        for (i1, t1, l1, k1), (i2, t2, l2, k2) in zip(one["shown"], got["shown"]):
+            np.testing.assert_array_equal(i1, i2)
+            for a, b in ((t1, t2), (l1, l2), (k1, k2)):
+                np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(t1).max())

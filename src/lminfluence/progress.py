@@ -74,7 +74,14 @@ class LogProgress:
 
 
 def progress(total: int | None, desc: str, unit: str = "seq", *, leave: bool = False) -> Any:
-    """A tqdm bar when stderr is a terminal (and bars are not disabled), else a ``LogProgress``."""
+    """A tqdm bar when stderr is a terminal (and bars are not disabled), else a ``LogProgress``.
+
+    Under torch.distributed only rank 0 reports progress.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return LogProgress(total, desc, unit, interval=float("inf"))
     if os.environ.get("TQDM_DISABLE") or sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=leave)
     return LogProgress(total, desc, unit)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..config import Execution, ScoreConfig, Serializable, check_positive_int, option
 from ..curvature.factors import Factors
 from ..errors import ConfigError
@@ -192,8 +193,39 @@ def _groups(n: int, size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+_DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_FIELDS = ("dense", "u", "s", "v")
+
+
+def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str]) -> dict[str, LayerQueries]:
+    """Every rank's preconditioned queries on every rank, in query order (each rank computed ``positions``)."""
+    metas = dist.all_gather_objects(
+        None if local is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}
+    )
+    order = np.concatenate([np.asarray(p, dtype=np.int64) for p in dist.all_gather_objects(positions)])
+    device = next(iter(local.values())).s.device if local is not None and next(iter(local.values())).s is not None else None
+    pieces: dict[str, list[LayerQueries]] = {n: [] for n in layers}
+    for r, meta in enumerate(metas):
+        if meta is None:
+            continue
+        for n in layers:
+            fields = {}
+            for f, (shape, dtype) in meta[n].items():
+                t = getattr(local[n], f) if r == dist.rank() else torch.empty(shape, dtype=_DTYPES[dtype], device=device)  # type: ignore[index]
+                dist.broadcast_([t], src=r)
+                fields[f] = t
+            pieces[n].append(LayerQueries(**fields))
+    back = np.argsort(order)  # concatenated in rank order; back to the queries' order
+    return {n: LayerQueries.concat(ps).select(back) for n, ps in pieces.items()}
+
+
 class _Run:
-    """One two-stage computation: the shared arguments of its steps."""
+    """One two-stage computation: the shared arguments of its steps.
+
+    Under ``torch.distributed`` every step splits its work over the ranks (chunks of the scan,
+    query groups of the re-score and the details), each rank saves the pieces it computed, and
+    all ranks end with every piece, so they return the same result.
+    """
 
     def __init__(self, model, factors, queries, train, config, stages, task, execution, store, chunk_size) -> None:
         self.model, self.factors, self.queries, self.train = model, factors, queries, train
@@ -201,16 +233,52 @@ class _Run:
         self.store = store
         self.chunk_size = chunk_size
 
-    def precondition(self, qs: np.ndarray, rank: int | None) -> dict[str, LayerQueries]:
+    def precondition(self, qs: np.ndarray, rank: int | None, *, shared: bool = False) -> dict[str, LayerQueries]:
+        """The queries ``qs`` preconditioned (rank-``rank`` factors or dense).
+
+        ``shared`` (call it on every rank): each rank preconditions its share of ``qs`` once and
+        broadcasts it, so all ranks hold all of them.
+        """
         cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
-        return precondition_queries(
-            self.model, self.factors, [self.queries[i] for i in qs], cfg, task=self.task, execution=self.execution, curvature_data=self.train
-        )
+
+        def local(idx: np.ndarray) -> dict[str, LayerQueries]:
+            return precondition_queries(
+                self.model, self.factors, [self.queries[i] for i in idx], cfg, task=self.task, execution=self.execution, curvature_data=self.train
+            )
+
+        if not (shared and dist.active()):
+            return local(qs)
+        positions = dist.shard(list(range(len(qs))))
+        with dist.checked():
+            mine = local(qs[positions]) if positions else None
+        return _share(mine, positions, list(self.factors.layers))
 
     def score(self, pq: dict[str, LayerQueries], rank: int | None, rows: np.ndarray) -> np.ndarray:
         cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
         out = score_preconditioned(self.model, self.factors, pq, subset(self.train, rows), cfg, task=self.task, execution=self.execution)
         return out.total.double().numpy()
+
+    def _missing(self, names: list[str]) -> list[str]:
+        """Which pieces no earlier run saved (rank 0 decides, so that every rank agrees)."""
+        return dist.broadcast_object([n for n in names if self.store.get(n) is None] if dist.is_main() else None)
+
+    def _compute(self, todo: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+        """Compute this rank's share of ``todo`` (name, thunk), save it, and return every rank's pieces."""
+        mine: dict[str, dict[str, np.ndarray]] = {}
+        with dist.checked():
+            for i, (name, make) in enumerate(todo):
+                if dist.owner(i) == dist.rank():
+                    mine[name] = make()
+                    self.store.put(name, mine[name])
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for part in dist.all_gather_objects(mine):
+            out.update(part)
+        return out
+
+    def _pieces(self, names: list[str], todo: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+        """The saved pieces of ``names`` plus the ones computed now."""
+        done = self._compute(todo)
+        return {n: done[n] if n in done else self.store.get(n) for n in names}  # type: ignore[misc]
 
     def scan(self, union: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """First-stage scores [Q, U]; NaN where ``mask`` is False."""
@@ -219,22 +287,21 @@ class _Run:
         groups = [np.arange(Q)] if rank is not None else _groups(Q, self.execution.query_batch_size)
         out = np.full((Q, len(union)), np.nan)
         columns = [np.flatnonzero(mask[qs].any(axis=0)) for qs in groups]
-        with progress(sum(len(c) for c in columns), "scan (all chunks)", "seq", leave=True) as bar:
+        with progress(sum(len(c) for c in columns) if dist.is_main() else None, "scan (all chunks)", "seq", leave=True) as bar:
             for g, (qs, cols) in enumerate(zip(groups, columns)):
-                chunks = [(c, cols[c : c + self.chunk_size]) for c in range(0, len(cols), self.chunk_size)]
-                saved = {c: self.store.get(f"scan-{g:04d}-{c:010d}") for c, _ in chunks}
-                done = sum(v is not None for v in saved.values())
-                if done:
-                    logger.info("scan, query group %d: %d of %d chunks already done", g, done, len(chunks))
-                pq = self.precondition(qs, rank) if done < len(chunks) else None
-                for c, part in chunks:
-                    arrays = saved[c]
-                    if arrays is None:
-                        arrays = {"scores": self.score(pq, rank, union[part])}  # type: ignore[arg-type]
-                        self.store.put(f"scan-{g:04d}-{c:010d}", arrays)
-                    block = arrays["scores"]
+                chunks = {f"scan-{g:04d}-{c:010d}": cols[c : c + self.chunk_size] for c in range(0, len(cols), self.chunk_size)}
+                missing = self._missing(list(chunks))
+                if len(missing) < len(chunks):
+                    logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(missing), len(chunks))
+                pq = self.precondition(qs, rank, shared=True) if missing else None
+
+                def make(part: np.ndarray) -> Any:
+                    return lambda: {"scores": self.score(pq, rank, union[part])}  # type: ignore[arg-type]
+
+                pieces = self._pieces(list(chunks), [(name, make(chunks[name])) for name in missing])
+                for name, part in chunks.items():
                     keep = mask[qs][:, part]
-                    out[np.ix_(qs, part)] = np.where(keep, block, np.nan)
+                    out[np.ix_(qs, part)] = np.where(keep, pieces[name]["scores"], np.nan)
                     bar.update(len(part))
         return out
 
@@ -242,14 +309,19 @@ class _Run:
         """(final [Q, U], choice [Q, U]): each query's top and bottom M at full rank; ``choice`` holds only those."""
         final, choice = first.copy(), np.full_like(first, np.nan)
         m = self.stages.rescore_top
-        for g, qs in enumerate(_groups(len(self.queries), self.execution.query_batch_size)):
-            name = f"rescore-{g:04d}"
-            arrays = self.store.get(name)
-            if arrays is None:
+        groups = _groups(len(self.queries), self.execution.query_batch_size)
+        names = [f"rescore-{g:04d}" for g in range(len(groups))]
+
+        def make(qs: np.ndarray) -> Any:
+            def run() -> dict[str, np.ndarray]:
                 idx = np.unique(np.concatenate([np.concatenate(ends(first[q], m)) for q in qs]))  # type: ignore[arg-type]
-                arrays = {"idx": idx, "scores": self.score(self.precondition(qs, None), None, union[idx])}
-                self.store.put(name, arrays)
-            idx, block = arrays["idx"], arrays["scores"]
+                return {"idx": idx, "scores": self.score(self.precondition(qs, None), None, union[idx])}
+
+            return run
+
+        pieces = self._pieces(names, [(n, make(groups[names.index(n)])) for n in self._missing(names)])
+        for name, qs in zip(names, groups):
+            idx, block = pieces[name]["idx"], pieces[name]["scores"]
             for j, q in enumerate(qs):
                 # this query's own ends only: the group's union must not change what is shown
                 keep = np.isin(idx, np.concatenate(ends(first[q], m)))  # type: ignore[arg-type]
@@ -259,21 +331,25 @@ class _Run:
 
     def details(self, union: np.ndarray, choice: np.ndarray, rank: int | None) -> list[Shown]:
         """Each query's shown sequences with per-layer and per-token scores, one batched pass per query group."""
-        shown: list[Shown] = []
         top = self.stages.top
-        for g, qs in enumerate(_groups(len(self.queries), self.execution.query_batch_size)):
-            name = f"details-{g:04d}"
-            arrays = self.store.get(name)
-            picks = [ends(choice[q], top) for q in qs]
-            if arrays is None:
-                cols = [np.concatenate(p) for p in picks]
-                arrays = shown_details(
-                    self.model, self.factors, self.precondition(qs, rank), [union[c] for c in cols], self.train,
-                    task=self.task, execution=self.execution,
-                )
-                self.store.put(name, arrays)
+        groups = _groups(len(self.queries), self.execution.query_batch_size)
+        names = [f"details-{g:04d}" for g in range(len(groups))]
+        picks = [[ends(choice[q], top) for q in qs] for qs in groups]
+
+        def make(g: int) -> Any:
+            def run() -> dict[str, np.ndarray]:
+                rows = [union[np.concatenate(p)] for p in picks[g]]
+                pq = self.precondition(groups[g], rank)
+                return shown_details(self.model, self.factors, pq, rows, self.train, task=self.task, execution=self.execution)
+
+            return run
+
+        pieces = self._pieces(names, [(n, make(names.index(n))) for n in self._missing(names)])
+        shown: list[Shown] = []
+        for g, name in enumerate(names):
+            arrays = pieces[name]
             layers = [str(n) for n in arrays["layers"]]
-            for j, (t, b) in enumerate(picks):
+            for j, (t, b) in enumerate(picks[g]):
                 n = len(t) + len(b)  # the store is keyed by the caller: a saved chunk has exactly these rows
                 rows = slice(int(arrays["offsets"][j]), int(arrays["offsets"][j]) + n)
                 shown.append(
