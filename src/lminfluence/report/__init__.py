@@ -1,6 +1,7 @@
 """The HTML report of a run directory (`lminfluence report`).
 
-One self-contained page: inline CSS and SVG, no scripts, nothing fetched.
+One self-contained page: inline CSS, SVG and script, the card data compressed in
+the page, nothing fetched.
 """
 
 from .load import load_run
