@@ -58,10 +58,10 @@ SHOWN = {0: (4, 2), 1: (3, 1), 2: (4, 2), 3: (3, 0)}
 LAYER_SPLIT = np.array([0.5, -0.25, 0.125, 0.625])  # each score's split over the four tracked layers
 
 
-@pytest.fixture(scope="session")
-def report_root(tmp_path_factory) -> Path:
-    """A folder holding the real tiny run (made once per session) that ``make_run`` copies."""
-    root = tmp_path_factory.mktemp("report")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's folder holding the real tiny run that ``make_run`` copies (made by the first test that asks)."""
+    root = tmp_path_factory.getbasetemp() / "report-real"
+    root.mkdir(exist_ok=True)
     real_run(root)
     return root
 
@@ -224,6 +224,8 @@ def write_analysis(run: Path) -> None:
             by_group.setdefault(q["group"], []).append(q)
     k = 3
     for g, qs in by_group.items():
+        if len({q["language"] for q in qs if q["language"] is not None}) < 2:
+            continue  # the contract: only groups with two languages or more
         for a in qs:
             for b in qs:
                 if a is b:
@@ -267,9 +269,8 @@ CROSSLINGUAL_SCHEMA = pa.schema([
 def _word_sampler(rng: np.random.Generator):
     """Words with their frequencies in Python's own reference prose (pydoc_data), for text of realistic word lengths."""
     import collections
-    import re
-
     import pydoc_data.topics
+    import re
 
     counts = collections.Counter(re.findall(r"\S+", " ".join(pydoc_data.topics.topics.values())))
     words = list(counts)
@@ -306,7 +307,7 @@ def make_budget_run(path: Path, root: Path, *, queries: int, per_side: int, toke
     store.save(path)
     full = [i for i in range(len(store)) if len(store.tokens(i)) == tokens]
     layers = [f"transformer.h.{b}.mlp.{n}" for b in range(12) for n in ("c_fc", "c_proj")]
-    qs = [Query(f"q{i}", "The prompt of query %d is" % i, " its completion") for i in range(queries)]
+    qs = [Query(f"q{i}", f"The prompt of query {i} is", " its completion") for i in range(queries)]
     pool = rng.permutation(full) if len(full) >= queries * 2 * per_side else None
     first = rng.laplace(0.0, 1.0, (queries, len(store)))
     shown = []

@@ -7,6 +7,7 @@ test_report_browser.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from html import unescape
@@ -18,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from cli_fixture import train_tokenizer
-from report_fixture import DOCS, MULTIBYTE, QUERIES, SHOWN, make_budget_run, make_run, report_root, write_analysis  # noqa: F401
+from report_fixture import DOCS, MULTIBYTE, QUERIES, SHOWN, make_budget_run, make_run, shared_root, write_analysis
 
 from lminfluence.report import load as report_load
 from lminfluence.report import write_report
@@ -82,6 +83,11 @@ def parse(html: str) -> Tree:
 
 def text(el: dict) -> str:
     return "".join(el["text"])
+
+
+@pytest.fixture(scope="module")
+def report_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_root(tmp_path_factory)
 
 
 @pytest.fixture()
@@ -230,7 +236,7 @@ def test_payload_rebuilds_every_card_and_its_scores(run: Path):
         assert data["seqs"][str(seq)][1] == lengths_text(lengths)
         units = text_of[seq].encode("utf-16-le")
         cuts = np.r_[0, np.cumsum(lengths)] * 2
-        tokens = [units[a:b].decode("utf-16-le") for a, b in zip(cuts[:-1], cuts[1:])]
+        tokens = [units[a:b].decode("utf-16-le") for a, b in itertools.pairwise(cuts)]
         expected = t["tokens"][(t["tokens"].query_index == row.query_index) & (t["tokens"].seq_index == seq)].sort_values("position")
         assert tokens == expected.token.tolist()
         scores = expected.score.to_numpy()
@@ -467,7 +473,7 @@ def test_side_by_side_aligns_the_shared_sequences(analysed: Path):
     html = write_report(analysed).read_text()
     tree = parse(html)
     (group,) = tree.find("div", "group")
-    table = [e for e in tree.find("table", "compare") if group in e["parents"]][0]
+    table = next(e for e in tree.find("table", "compare") if group in e["parents"])
     rows = [e for e in tree.elements if e["tag"] == "tr" and table in e["parents"] and e["parents"][-1]["tag"] == "tbody"]
     a, b = 0, 2  # the en and fr queries of the group
     top = t["top"][t["top"]["rank"] > 0]

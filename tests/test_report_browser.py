@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from report_fixture import QUERIES, STRONG_NEG, STRONG_POS, make_run, report_root, token_index, write_analysis  # noqa: F401
+from report_fixture import QUERIES, STRONG_NEG, STRONG_POS, make_run, shared_root, token_index, write_analysis
 
 from lminfluence.report import write_report
 from lminfluence.report.colours import COOL, LEVELS, MIN_CONTRAST, WARM, contrast, ink_on, parse_colour, tint
@@ -89,7 +89,7 @@ def chromium(browser: str, tmp: Path, *args: str) -> subprocess.CompletedProcess
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
         "--force-device-scale-factor=1", "--proxy-server=127.0.0.1:9", f"--user-data-dir={tmp / 'profile'}", *args,
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}"
     return done
 
@@ -103,7 +103,7 @@ def probe(browser: str, page: Path, tmp: Path, actions: str = "", width: int = W
         frame.write_text(FRAME.replace("PAGE", probed.name).replace("WIDTH", str(width)))
         probed = frame
     dom = chromium(browser, tmp, f"--window-size={max(width, 500)},{HEIGHT}", "--virtual-time-budget=20000", "--dump-dom", probed.as_uri()).stdout
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
     assert found, dom[-2000:]
     out = json.loads(unescape(found.group(1)))
     assert "error" not in out, out["error"]
@@ -113,6 +113,11 @@ def probe(browser: str, page: Path, tmp: Path, actions: str = "", width: int = W
 
 def rgb(colour: tuple[int, int, int]) -> str:
     return "rgb({}, {}, {})".format(*colour)
+
+
+@pytest.fixture(scope="module")
+def report_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_root(tmp_path_factory)
 
 
 @pytest.fixture()
@@ -257,7 +262,7 @@ def test_screenshot_paints_the_heatmap_in_warm_and_blue(browser: str, run: Path,
     page = write_report(run)
     drawn = screenshot(browser, page, tmp_path)
     static_page = tmp_path / "static.html"
-    static_page.write_text(re.sub(r"<script>.*?</script>", "", page.read_text(), flags=re.S))  # the data stays, the client goes
+    static_page.write_text(re.sub(r"<script>.*?</script>", "", page.read_text(), flags=re.DOTALL))  # the data stays, the client goes
     static = screenshot(browser, static_page, tmp_path)
     assert drawn.size == (WIDTH, HEIGHT)
     colours = drawn.getcolors(maxcolors=1 << 20) or []

@@ -7,4 +7,4 @@ the page, nothing fetched.
 from .load import load_run
 from .page import render, write_report
 
-__all__ = ["write_report", "load_run", "render"]
+__all__ = ["load_run", "render", "write_report"]

@@ -79,4 +79,4 @@ def read_analysis(run_dir: Path) -> Analysis:
     return a
 
 
-__all__ = ["Analysis", "read_analysis", "ANALYZER"]
+__all__ = ["ANALYZER", "Analysis", "read_analysis"]

@@ -46,8 +46,8 @@ def card_html(q: Query, card: Card, number_k: int, fmt: Format) -> str:
 def _charts(run: Run, q: Query) -> str:
     marks = [c.first_stage_score for c in q.cards]
     figures = [
-        f'<figure>{histogram_svg(q.hist_edges, q.hist_counts, marks)}'
-        f"<figcaption>Scan scores of all {q.num_scored:,} scored sequences (dashed: zero).</figcaption></figure>"
+        (f'<figure>{histogram_svg(q.hist_edges, q.hist_counts, marks)}'
+        f"<figcaption>Scan scores of all {q.num_scored:,} scored sequences (dashed: zero).</figcaption></figure>")
     ]
     sparsity = run.analysis.sparsity.get(q.index)
     if sparsity is not None:
@@ -77,9 +77,9 @@ def query_html(run: Run, q: Query, numbers: dict[int, int], group_anchor: str | 
         f'<section class="query" id="q-{q.index}">',
         f'<h2>Query <span class="qid">{escape(q.id)}</span>{f" <span class=tags>{tags}</span>" if tags else ""} {links}</h2>',
         f'<pre class="qa"><span class="prompt">{escape(q.prompt)}</span><mark class="completion">{escape(q.completion)}</mark></pre>',
-        '<p class="stats">'
+        ('<p class="stats">'
         f"log p(completion | prompt) = <b>{q.logp:.3f}</b> (p = {number(p)}) · {q.num_scored:,} sequences scored · "
-        f"mean {stats(q.mean, True)} ± {stats(q.std)} · min {stats(q.min, True)} · max {stats(q.max, True)}</p>",
+        f"mean {stats(q.mean, True)} ± {stats(q.std)} · min {stats(q.min, True)} · max {stats(q.max, True)}</p>"),
         _charts(run, q),
     ]
     if q.positive:
@@ -98,4 +98,4 @@ def query_html(run: Run, q: Query, numbers: dict[int, int], group_anchor: str | 
     return "".join(parts)
 
 
-__all__ = ["query_html", "card_html", "card_id"]
+__all__ = ["card_html", "card_id", "query_html"]

@@ -144,25 +144,30 @@
     if (i === null) st.info.textContent = "Click or tap a token (or focus the text and use ← →) for its value.";
     else st.info.textContent = (i === st.pin ? "pinned: " : "") + describe(k, i);
   }
-  function blocksSvg(k) {
+  function blocksSvg(k) { // bars on one axis per scale: a weaker card draws shorter, an absent sign takes no room
     const c = D.cards[k], b = c[4], n = b.length;
     if (!n) return '<p class="note">No per-block scores.</p>';
-    const W = 250, H = 120, L = 44, R = 6, T = 8, B = 32;
+    const W = 250, L = 44, R = 6, T = 8, B = 32, FULL = 72;
     const own = Math.max(...b.map(Math.abs));
     const peak = (mode === "card" ? own : mode === "query" ? D.queries[c[1]][1] : D.blockPeak) || 1;
-    const hi = b.some((v) => v > 0) ? peak : 0, lo = b.some((v) => v < 0) ? -peak : 0; // no room for an absent sign
-    const y = (v) => T + ((hi - v) / (hi - lo || 1)) * (H - T - B);
+    const hi = Math.max(0, ...b), lo = Math.min(0, ...b);
+    const plot = Math.max((FULL * (hi - lo)) / peak, 12), H = T + plot + B;
+    const y = (v) => T + ((hi - v) / (hi - lo || 1)) * plot;
     const step = (W - L - R) / n, every = Math.max(1, Math.ceil(n / 16));
     const label = b.map((v, i) => `block ${D.blocks[i]} ${fmt(v, true, own)}`).join(", ");
-    let s = `<svg class="blocks" viewBox="0 0 ${W} ${H}" role="img" aria-label="score per transformer block: ${esc(label)}">`;
+    let s = `<svg class="blocks" viewBox="0 0 ${W} ${H.toFixed(1)}" role="img" aria-label="score per transformer block: ${esc(label)}">`;
     b.forEach((v, i) => {
       const top = y(Math.max(v, 0)), bottom = y(Math.min(v, 0)), x = L + i * step;
       s += `<rect class="${v >= 0 ? "pos" : "neg"}" x="${(x + step * 0.12).toFixed(1)}" y="${top.toFixed(1)}" width="${Math.max(step * 0.76, 0.8).toFixed(1)}" height="${Math.max(bottom - top, 0.5).toFixed(1)}"><title>block ${D.blocks[i]}: ${fmt(v, true, own)}</title></rect>`;
-      if (i % every === 0) s += `<text x="${(x + step / 2).toFixed(1)}" y="${H - B + 13}" text-anchor="middle">${D.blocks[i]}</text>`;
+      if (i % every === 0) s += `<text x="${(x + step / 2).toFixed(1)}" y="${(H - B + 13).toFixed(1)}" text-anchor="middle">${D.blocks[i]}</text>`;
     });
     s += `<line x1="${L}" y1="${y(0).toFixed(1)}" x2="${W - R}" y2="${y(0).toFixed(1)}" class="axis"/>`;
-    for (const v of new Set([hi, 0, lo])) s += `<text x="${L - 4}" y="${(y(v) + 4).toFixed(1)}" text-anchor="end">${v === 0 ? "0" : fmt(v, true, peak)}</text>`;
-    s += `<text x="${L + (W - L - R) / 2}" y="${H - 3}" text-anchor="middle">block</text></svg>`;
+    const ticks = [...new Set([hi, 0, lo])];
+    for (const v of ticks) {
+      if (v !== 0 && Math.abs(y(v) - y(0)) < 10) continue; // too close to the zero label to read
+      s += `<text x="${L - 4}" y="${(y(v) + 4).toFixed(1)}" text-anchor="end">${v === 0 ? "0" : fmt(v, true, own)}</text>`;
+    }
+    s += `<text x="${L + (W - L - R) / 2}" y="${(H - 3).toFixed(1)}" text-anchor="middle">block</text></svg>`;
     return s;
   }
 

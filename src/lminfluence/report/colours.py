@@ -99,4 +99,4 @@ def level_css() -> str:
     return "\n".join(f".heat .{cls}{{background:{bg};color:{ink}}}" for cls, (bg, ink) in level_colours().items())
 
 
-__all__ = ["WARM", "COOL", "LEVELS", "mix", "tint", "hex_colour", "level", "level_colours", "level_css", "contrast", "ink_on"]
+__all__ = ["COOL", "LEVELS", "WARM", "contrast", "hex_colour", "ink_on", "level", "level_colours", "level_css", "mix", "tint"]

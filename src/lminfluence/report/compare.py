@@ -101,9 +101,9 @@ def compare_html(run: Run) -> str:
     if not anchors:
         return ""
     parts = [
-        '<section id="compare" class="compare"><h2>Queries side by side</h2>'
+        ('<section id="compare" class="compare"><h2>Queries side by side</h2>'
         '<p class="note">Queries that share a <code>group</code> (queries.parquet). Ranks and scores in italics come from the '
-        "scan (scores/matrix.parquet): the sequence is not among that query's shown ones. Linked ranks open the card.</p>"
+        "scan (scores/matrix.parquet): the sequence is not among that query's shown ones. Linked ranks open the card.</p>")
     ]
     for g, qs in groups(run.queries).items():
         parts.append(f'<div class="group" id="{anchors[g]}"><h3 class="group-name">Group {escape(g)}</h3>')

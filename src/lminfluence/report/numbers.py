@@ -54,4 +54,4 @@ def percent(x: float | None) -> str:
     return f"{100 * float(x):.1f}%"
 
 
-__all__ = ["column_format", "number", "percent", "decimals_for"]
+__all__ = ["column_format", "decimals_for", "number", "percent"]

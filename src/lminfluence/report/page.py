@@ -167,8 +167,8 @@ def _index(run: Run, anchors: dict[str, str]) -> str:
         cells = [
             f'<td class="num">{q.index}</td>',
             f'<td class="qid"><a href="#q-{q.index}">{escape(_shorten(q.id, 40))}</a>{f"<br><small>{tags}</small>" if tags else ""}</td>',
-            f'<td class="pc"><span class="prompt">{escape(_shorten(q.prompt, 70, keep_end=True))}</span>'
-            f'<mark class="completion">{escape(_shorten(q.completion, 40))}</mark></td>',
+            (f'<td class="pc"><span class="prompt">{escape(_shorten(q.prompt, 70, keep_end=True))}</span>'
+            f'<mark class="completion">{escape(_shorten(q.completion, 40))}</mark></td>'),
             f'<td class="num">{q.logp:.3f}</td>',
             f'<td class="num"><a class="{"pos" if best.score >= 0 else "neg"}" href="#q{q.index}-p1">{fmt(best.score, True)}</a></td>'
             if best else '<td class="num">n/a</td>',

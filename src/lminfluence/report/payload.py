@@ -128,4 +128,4 @@ def decode(html: str) -> dict[str, Any]:
     return json.loads(gzip.decompress(base64.b85decode(m.group(1).replace(".", "<"))).decode("utf-8"))
 
 
-__all__ = ["build", "encode", "decode", "card_numbers", "lengths_text", "QUANT", "ENCODING", "utf16_length"]
+__all__ = ["ENCODING", "QUANT", "build", "card_numbers", "decode", "encode", "lengths_text", "utf16_length"]

@@ -73,7 +73,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], marks: Sequence
     t = 1
     while t <= top_count:
         parts.append(f'<line x1="{LEFT - 3}" y1="{y(math.log10(t)):.1f}" x2="{LEFT}" y2="{y(math.log10(t)):.1f}" stroke="{AXIS}"/>')
-        parts.append(_text(LEFT - 5, y(math.log10(t)) + 4, f"{t:,}".replace(",", " "), "end", 10))
+        parts.append(_text(LEFT - 5, y(math.log10(t)) + 4, str(t), "end", 10))
         t *= 10
     parts.append(_text(LEFT, base + 26, fmt(lo, True), "start", 10))
     parts.append(_text(W - RIGHT, base + 26, fmt(hi, True), "end", 10))
@@ -203,4 +203,4 @@ def thirds_caption(t: dict[str, float]) -> str:
     return f"Share of the top sequences' influence by third of the layers: {shares}. Ranking kept when scoring with one third only (Spearman): {rho}."
 
 
-__all__ = ["histogram_svg", "rank_svg", "power_law_line", "layers_svg", "sparsity_caption", "thirds_caption"]
+__all__ = ["histogram_svg", "layers_svg", "power_law_line", "rank_svg", "sparsity_caption", "thirds_caption"]

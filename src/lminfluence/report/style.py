@@ -55,11 +55,11 @@ p.sign {{ background: var(--soft); border-left: 3px solid #bbb; padding: 8px 13p
 .scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; font-size: 13.5px; }}
 table.index, table.compare {{ width: 100%; }}
-th {{ text-align: left; font-weight: 600; color: #444; border-bottom: 1.5px solid #bbb; padding: 6px 8px; vertical-align: bottom; }}
+th {{ text-align: left; font-weight: 600; color: #444; border-bottom: 1.5px solid #bbb; padding: 6px 8px; vertical-align: bottom; white-space: nowrap; }}
 td {{ border-bottom: 1px solid var(--rule); padding: 5px 8px; vertical-align: top; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; font-family: var(--mono); font-size: 12.5px; }}
 td.pc {{ font-family: var(--mono); font-size: 12.5px; min-width: 12em; overflow-wrap: anywhere; }}
-td.doc, td.qid {{ font-family: var(--mono); font-size: 12.5px; overflow-wrap: anywhere; min-width: 8em; }}
+td.doc, td.qid {{ font-family: var(--mono); font-size: 12.5px; white-space: nowrap; }}
 td small {{ font-family: var(--sans); color: var(--muted); }}
 mark.completion {{ background: var(--mark); color: inherit; border-radius: 2px; padding: 0 1px; font-weight: 600; }}
 table.compare tr.shared td {{ background: #fff1e6; }}

@@ -250,4 +250,4 @@ def write_tables(
     _write(run_dir / layout.QUERIES_TABLE, queries_table(queries, logp, first))
 
 
-__all__ = ["write_tables", "block_of", "token_texts", "HIST_BINS"]
+__all__ = ["HIST_BINS", "block_of", "token_texts", "write_tables"]
