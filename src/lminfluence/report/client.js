@@ -153,7 +153,7 @@
     const hi = Math.max(0, ...b), lo = Math.min(0, ...b);
     const plot = Math.max((FULL * (hi - lo)) / peak, 12), H = T + plot + B;
     const y = (v) => T + ((hi - v) / (hi - lo || 1)) * plot;
-    const step = (W - L - R) / n, every = Math.max(1, Math.ceil(n / 16));
+    const step = (W - L - R) / n, every = Math.max(1, Math.ceil(n / 12)); // at most 12 labels: 24–48 blocks stay legible
     const label = b.map((v, i) => `block ${D.blocks[i]} ${fmt(v, true, own)}`).join(", ");
     let s = `<svg class="blocks" viewBox="0 0 ${W} ${H.toFixed(1)}" role="img" aria-label="score per transformer block: ${esc(label)}">`;
     b.forEach((v, i) => {
@@ -286,6 +286,7 @@
       }
     });
     document.querySelector(".toolbar").hidden = false;
+    if (innerWidth < 600) document.querySelector("details.about").open = false; // on a phone the index comes first
     for (const head of document.querySelectorAll("article.card > header")) {
       head.append(Object.assign(document.createElement("button"), { type: "button", className: "open-doc", textContent: "full document" }));
     }

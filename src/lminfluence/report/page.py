@@ -114,9 +114,10 @@ def _header(run: Run) -> str:
     return (
         f'<header class="top"><h1>Influence report <span class="model">{escape(model_name(run))}</span></h1>'
         f'<p class="run">{escape(str(run.path.resolve()))}</p>'
+        f'<details class="about" open><summary>Run: {escape(model_name(run))}, {len(run.queries)} queries</summary>'
         f'<dl class="summary">{cells}</dl>'
         f'<p class="layers"><b>{len(run.layers)} tracked layers</b> (the scores cover these only): '
-        f"{escape('; '.join(layers))}</p>"
+        f"{escape('; '.join(layers))}</p></details>"
         f'<p class="sign">{SIGN_NOTE}</p><p class="sign">{HEAT_NOTE}</p>'
         f"{_legend()}</header>"
     )
@@ -165,11 +166,11 @@ def _index(run: Run, anchors: dict[str, str]) -> str:
             tags = f'<a href="#{anchors[q.group]}">{tags}</a>'
         s = sparsity.get(q.index)
         cells = [
-            f'<td class="num">{q.index}</td>',
+            f'<td class="num opt">{q.index}</td>',
             f'<td class="qid"><a href="#q-{q.index}">{escape(_shorten(q.id, 40))}</a>{f"<br><small>{tags}</small>" if tags else ""}</td>',
             (f'<td class="pc"><span class="prompt">{escape(_shorten(q.prompt, 70, keep_end=True))}</span>'
             f'<mark class="completion">{escape(_shorten(q.completion, 40))}</mark></td>'),
-            f'<td class="num">{q.logp:.3f}</td>',
+            f'<td class="num opt">{q.logp:.3f}</td>',
             f'<td class="num"><a class="{"pos" if best.score >= 0 else "neg"}" href="#q{q.index}-p1">{fmt(best.score, True)}</a></td>'
             if best else '<td class="num">n/a</td>',
             f'<td class="doc"><a href="#q{q.index}-p1">{escape(_shorten(best.doc_id, 40))}</a></td>' if best else "<td>n/a</td>",
@@ -177,13 +178,13 @@ def _index(run: Run, anchors: dict[str, str]) -> str:
         if sparsity:
             cells.append(f'<td class="num">{percent(s["share_top_1pct"]) if s else "n/a"}</td>')
             alpha = s["alpha"] if s else None
-            cells.append(f'<td class="num">{alpha:.2f}</td>' if alpha is not None and math.isfinite(alpha) else '<td class="num">n/a</td>')
+            cells.append(f'<td class="num opt">{alpha:.2f}</td>' if alpha is not None and math.isfinite(alpha) else '<td class="num opt">n/a</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    extra = '<th title="share of positive influence held by the top 1 % of scored sequences">top 1 %</th><th>α</th>' if sparsity else ""
+    extra = '<th title="share of positive influence held by the top 1 % of scored sequences">top 1 %</th><th class="opt">α</th>' if sparsity else ""
     return (
         '<section id="index"><h2>Queries</h2><div class="scroll"><table class="index"><thead><tr>'
-        '<th>#</th><th>query</th><th class="pc">prompt → <mark class="completion">completion</mark></th>'
-        f"<th>log p</th><th>top score</th><th>top document</th>{extra}"
+        '<th class="opt">#</th><th>query</th><th class="pc">prompt → <mark class="completion">completion</mark></th>'
+        f'<th class="opt">log p</th><th>top score</th><th>top document</th>{extra}'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
 

@@ -46,6 +46,7 @@ dl.summary {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(190
 dl.summary div {{ min-width: 0; }}
 dl.summary dt {{ font-size: 11px; text-transform: uppercase; letter-spacing: 0.06em; color: var(--muted); }}
 dl.summary dd {{ margin: 0; font-weight: 550; overflow-wrap: anywhere; }}
+details.about > summary {{ cursor: pointer; color: var(--muted); font-size: 13px; margin-bottom: 8px; }}
 p.layers {{ font-size: 13px; margin: 0 0 12px; overflow-wrap: anywhere; }}
 p.sign {{ background: var(--soft); border-left: 3px solid #bbb; padding: 8px 13px; margin: 0 0 10px; font-size: 14px; max-width: 880px; }}
 .legend {{ font-size: 12px; color: var(--muted); max-width: 380px; }}
@@ -130,11 +131,12 @@ dialog#doc-view::backdrop {{ background: rgba(0,0,0,0.35); }}
 footer {{ margin-top: 48px; padding-top: 12px; border-top: 1px solid var(--rule); color: var(--muted); font-size: 12px; }}
 @media (max-width: 760px) {{
   main {{ padding: 12px 12px 48px; }}
-  .toolbar {{ padding: 6px 12px; }}
+  .toolbar {{ padding: 6px 12px; position: static; }}
   .card > div {{ flex-direction: column; }}
   figure.side {{ flex-basis: auto; width: 100%; max-width: 320px; }}
   dl.summary {{ grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 6px 14px; }}
   h1 {{ font-size: 21px; }}
+  table.index .opt {{ display: none; }}  /* #, log p and α: the section of each query has them */
 }}
 @media print {{ .toolbar, button {{ display: none; }} .card {{ content-visibility: visible; break-inside: avoid; }} }}
 """
