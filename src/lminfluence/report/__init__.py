@@ -1,9 +1,10 @@
 """The HTML report of a run directory (`lminfluence report`).
 
-One self-contained page: inline CSS and SVG, no scripts, nothing fetched.
+One self-contained page: inline CSS, SVG and script, the card data compressed in
+the page, nothing fetched.
 """
 
 from .load import load_run
 from .page import render, write_report
 
-__all__ = ["write_report", "load_run", "render"]
+__all__ = ["load_run", "render", "write_report"]

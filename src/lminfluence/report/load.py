@@ -1,14 +1,16 @@
-"""Read what the report shows from a run directory (docs/run-directory.md has every column).
+"""Read what the report shows from a run directory (docs/run-directory.md has every file and column).
 
 Only the rows the report displays are kept: the ``top`` most positive and most
-negative sequences of each query, with their per-token and per-block scores.
+negative sequences of each query with their per-token and per-block scores, the
+documents they come from (every chunk, for the full-text view), and the optional
+analysis tables (analysis_tables.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +19,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from ..storage.layout import (
-    LAYERS_TABLE,
-    QUERIES_TABLE,
-    RUN_CONFIG,
-    RUN_MANIFEST,
-    SEQUENCES_FILE,
-    TOKENS_TABLE,
-    TOP_TABLE,
-)
+from ..storage import layout
+from .analysis_tables import Analysis, read_analysis
 
 logger = logging.getLogger(__name__)
 
 PRODUCER = "lminfluence score"  # the command that writes every file the report needs
+BATCH_ROWS = 1 << 20  # rows of matrix.parquet read at a time
+CONTEXT_SHARE = 1.0  # the chunks not shown add at most this share of the shown text to the full-text view
 
 QUERY_COLUMNS = (
-    "query_index", "query_id", "prompt", "completion", "logp", "num_scored",
+    "query_index", "query_id", "group", "language", "prompt", "completion", "logp", "num_scored",
     "hist_edges", "hist_counts", "score_mean", "score_std", "score_min", "score_max",
 )  # fmt: skip
-TOP_COLUMNS = ("query_index", "rank", "seq_index", "doc_id", "chunk", "char_start", "char_end", "score", "text")
-TOP_OPTIONAL = ("first_stage_score", "tfidf", "block_scores")
-LAYER_COLUMNS = ("query_index", "seq_index", "block", "score")
+TOP_COLUMNS = (
+    "query_index", "rank", "seq_index", "doc_id", "chunk", "char_start", "char_end", "score",
+    "first_stage_score", "tfidf", "block_scores",
+)  # fmt: skip
+LAYER_COLUMNS = ("layer", "block")
 TOKEN_COLUMNS = ("query_index", "seq_index", "position", "token", "score")
+SEQUENCE_COLUMNS = ("seq_index", "doc_id", "chunk", "char_start", "char_end", "text")
 
 
 @dataclass
-class Shown:
+class Card:
     """One training sequence shown under a query: a row of top.parquet and its breakdowns."""
 
     rank: int
@@ -52,12 +52,17 @@ class Shown:
     char_start: int
     char_end: int
     score: float
-    first_stage_score: float | None
+    first_stage_score: float
     tfidf: float | None
-    text: str
-    block_scores: list[float] | None = None  # one per transformer block, in block order
-    tokens: list[str] | None = None  # in position order
-    token_scores: np.ndarray | None = None  # float64 [T], aligned with tokens
+    block_scores: list[float]  # one per transformer block, in block order
+    tokens: list[str] = field(default_factory=list)  # each token's piece of the text, in position order
+    token_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [T], aligned with tokens
+    l2_l1: float | None = None  # ‖a‖₂/‖a‖₁ of the token scores, from analysis/spurious.parquet
+    spurious: bool | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Query:
 
     index: int
     id: str
+    group: str | None
+    language: str | None
     prompt: str
     completion: str
     logp: float
@@ -76,64 +83,110 @@ class Query:
     std: float
     min: float
     max: float
-    positive: list[Shown]  # rank 1, 2, ...
-    negative: list[Shown]  # rank -1, -2, ...
+    positive: list[Card]  # rank 1, 2, ...
+    negative: list[Card]  # rank -1, -2, ...
+
+    @property
+    def cards(self) -> list[Card]:
+        return self.positive + self.negative
+
+
+@dataclass
+class Chunk:
+    """One sequence of a document (a row of corpus/sequences.parquet)."""
+
+    seq_index: int
+    chunk: int
+    char_start: int
+    char_end: int
+    text: str
 
 
 @dataclass
 class Run:
     path: Path
     manifest: dict[str, Any]  # run.json
-    config: dict[str, Any]  # config.yaml (empty when absent)
-    num_sequences: int | None  # rows of corpus/sequences.parquet, when it is there
+    config: dict[str, Any]  # config.yaml
+    layers: list[tuple[str, int]]  # tracked layers (name, block), in the order of layers.parquet
     queries: list[Query]
+    documents: dict[str, list[Chunk]]  # the shown documents, chunks in order (some left out of very long ones)
+    analysis: Analysis
+    scan: dict[tuple[int, int], tuple[int, float]]  # (query, seq) → (rank, score) in the scan, for the group comparisons
 
 
-def _require(run_dir: Path, rel: str) -> Path:
+def groups(queries: list[Query]) -> dict[str, list[Query]]:
+    """Queries sharing a ``group`` (two or more), in query order; groups in the order of their first query."""
+    by: dict[str, list[Query]] = {}
+    for q in queries:
+        if q.group is not None:
+            by.setdefault(q.group, []).append(q)
+    return {g: qs for g, qs in by.items() if len(qs) >= 2}
+
+
+def scan_positions(path: Path, wanted: dict[int, set[int]]) -> dict[tuple[int, int], tuple[int, float]]:
+    """Rank (1 = highest) and score of the ``wanted`` sequences among all the scan scores of their query.
+
+    Two passes over matrix.parquet in batches, so memory stays bounded whatever its size.
+    """
+    if not wanted:
+        return {}
+    table = pq.ParquetFile(path)
+    columns = ["query_index", "seq_index", "score"]
+    missing = [c for c in columns if c not in table.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (docs/run-directory.md lists its schema)")
+    keys = np.array(sorted((q << 32) | s for q, seqs in wanted.items() for s in seqs), dtype=np.int64)
+    found: dict[tuple[int, int], float] = {}
+    for batch in table.iter_batches(columns=columns, batch_size=BATCH_ROWS):
+        q, s, v = (batch.column(i).to_numpy() for i in range(3))
+        hit = np.isin(_keys(q, s), keys)
+        found.update({(int(a), int(b)): float(c) for a, b, c in zip(q[hit], s[hit], v[hit])})
+    targets: dict[int, list[tuple[int, float]]] = {}
+    for (q, s), v in found.items():
+        targets.setdefault(q, []).append((s, v))
+    above = dict.fromkeys(found, 0)
+    for batch in table.iter_batches(columns=["query_index", "score"], batch_size=BATCH_ROWS):
+        q, v = (batch.column(i).to_numpy() for i in range(2))
+        for qi in np.intersect1d(np.unique(q), np.fromiter(targets, dtype=np.int64, count=len(targets))).tolist():
+            values = np.sort(v[q == qi])
+            for s, t in targets[qi]:
+                above[(qi, s)] += int(len(values) - np.searchsorted(values, t, side="right"))
+    return {k: (above[k] + 1, v) for k, v in found.items()}
+
+
+def _require(run_dir: Path, rel: str, producer: str = PRODUCER) -> Path:
     path = run_dir / rel
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the report reads {rel} of a run directory; "
-            f"run `{PRODUCER}` on {run_dir} first (it writes run.json and scores/)"
-        )
+        raise FileNotFoundError(f"{path} is missing: the report reads {rel} of a run directory; run `{producer}` on {run_dir} first")
     return path
 
 
-def _read(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
+def read_columns(path: Path, columns: tuple[str, ...], filters: Any = None) -> pa.Table:
+    """The ``columns`` of a Parquet table; a missing column is an error that names it."""
     names = set(pq.read_schema(path).names)
     missing = [c for c in columns if c not in names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (docs/run-directory.md lists its schema)")
-    return pq.read_table(path, columns=list(columns) + [c for c in optional if c in names])
+    return pq.read_table(path, columns=list(columns), filters=filters)
 
 
 def _keys(query_index: np.ndarray, seq_index: np.ndarray) -> np.ndarray:
     return (query_index.astype(np.int64) << 32) | seq_index.astype(np.int64)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def _float_or_none(x: Any) -> float | None:
+def _none_if_nan(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
 
 
-def _shown_rows(top_path: Path, top: int) -> dict[int, list[Shown]]:
+def _cards(top_path: Path, top: int) -> dict[int, list[Card]]:
     """The ``top`` most positive and most negative rows of each query, by rank."""
-    table = _read(top_path, TOP_COLUMNS, TOP_OPTIONAL)
+    table = read_columns(top_path, TOP_COLUMNS)
     rank = table.column("rank").to_numpy()
-    query = table.column("query_index").to_numpy()
-    keep = (np.abs(rank) >= 1) & (np.abs(rank) <= top)
-    rows = table.filter(pa.array(keep)).to_pylist()
-    out: dict[int, list[Shown]] = {}
+    rows = table.filter(pa.array((np.abs(rank) >= 1) & (np.abs(rank) <= top))).to_pylist()
+    out: dict[int, list[Card]] = {}
     for r in sorted(rows, key=lambda r: (r["query_index"], r["rank"] < 0, abs(r["rank"]))):
-        blocks = r.get("block_scores")
         out.setdefault(int(r["query_index"]), []).append(
-            Shown(
+            Card(
                 rank=int(r["rank"]),
                 seq_index=int(r["seq_index"]),
                 doc_id=str(r["doc_id"]),
@@ -141,91 +194,123 @@ def _shown_rows(top_path: Path, top: int) -> dict[int, list[Shown]]:
                 char_start=int(r["char_start"]),
                 char_end=int(r["char_end"]),
                 score=float(r["score"]),
-                first_stage_score=_float_or_none(r.get("first_stage_score")),
-                tfidf=_float_or_none(r.get("tfidf")),
-                text=r["text"] or "",
-                block_scores=[float(b) for b in blocks] if blocks else None,
+                first_stage_score=float(r["first_stage_score"]),
+                tfidf=_none_if_nan(r["tfidf"]),
+                block_scores=[float(b) for b in r["block_scores"] or []],
             )
         )
-    logger.debug("top.parquet: %d rows of %d queries shown", len(rows), len(np.unique(query)))
     return out
 
 
-def _attach_tokens(path: Path, shown: dict[tuple[int, int], list[Shown]]) -> None:
+def _attach_tokens(path: Path, shown: dict[tuple[int, int], list[Card]]) -> None:
     """Fill tokens/token_scores of the shown sequences from tokens.parquet, in position order."""
-    table = _read(path, TOKEN_COLUMNS)
-    wanted = np.fromiter((_keys(np.int64(q), np.int64(s)) for q, s in shown), dtype=np.int64, count=len(shown))
+    table = read_columns(path, TOKEN_COLUMNS)
+    wanted = np.array([(q << 32) | s for q, s in shown], dtype=np.int64)
     key = _keys(table.column("query_index").to_numpy(), table.column("seq_index").to_numpy())
     table = table.filter(pa.array(np.isin(key, wanted)))
-    if table.num_rows == 0:
-        return
     key = _keys(table.column("query_index").to_numpy(), table.column("seq_index").to_numpy())
-    order = np.lexsort((table.column("position").to_numpy(), key))
-    key, position = key[order], table.column("position").to_numpy()[order]
+    position = table.column("position").to_numpy()
+    order = np.lexsort((position, key))
+    key, position = key[order], position[order]
     # a sequence among both the most positive and the most negative has its tokens twice: keep one
-    first = np.r_[True, (key[1:] != key[:-1]) | (position[1:] != position[:-1])]
+    first = np.r_[True, (key[1:] != key[:-1]) | (position[1:] != position[:-1])] if len(key) else np.zeros(0, bool)
     order, key = order[first], key[first]
     tokens = table.column("token").take(pa.array(order)).to_pylist()
     scores = table.column("score").to_numpy()[order].astype(np.float64)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    found = set()
     for a, b in zip(starts, np.r_[starts[1:], len(key)]):
         k = int(key[a])
-        for s in shown[(k >> 32, k & 0xFFFFFFFF)]:
-            s.tokens = [t or "" for t in tokens[a:b]]
-            s.token_scores = scores[a:b]
+        found.add((k >> 32, k & 0xFFFFFFFF))
+        for card in shown[(k >> 32, k & 0xFFFFFFFF)]:
+            card.tokens = [t or "" for t in tokens[a:b]]
+            card.token_scores = scores[a:b]
+    missing = sorted(set(shown) - found)
+    if missing:
+        q, s = missing[0]
+        raise ValueError(f"{path} has no token rows for query {q}, sequence {s} ({len(missing)} shown sequences lack them); rerun `{PRODUCER}`")
 
 
-def _attach_blocks(path: Path, shown: dict[tuple[int, int], list[Shown]]) -> None:
-    """Sum layers.parquet within each block for sequences whose top.parquet row had no block_scores."""
-    need = {k: rows for k, rows in shown.items() if any(s.block_scores is None for s in rows)}
-    if not need or not path.is_file():
-        return
-    table = _read(path, LAYER_COLUMNS)
-    per: dict[tuple[int, int], dict[int, float]] = {}
-    for q, s, block, score in zip(*(table.column(c).to_pylist() for c in LAYER_COLUMNS)):
-        if (q, s) in need and block is not None and block >= 0:
-            d = per.setdefault((q, s), {})
-            d[block] = d.get(block, 0.0) + float(score)
-    for k, d in per.items():
-        blocks = [0.0] * (max(d) + 1)
-        for b, v in d.items():
-            blocks[b] = v
-        for s in need[k]:
-            s.block_scores = s.block_scores or blocks
+def _layers(path: Path) -> list[tuple[str, int]]:
+    table = read_columns(path, LAYER_COLUMNS)
+    seen: dict[str, int] = {}
+    for name, block in zip(table.column("layer").to_pylist(), table.column("block").to_pylist()):
+        seen.setdefault(name, int(block))
+    return list(seen.items())
+
+
+def _documents(path: Path, cards: list[Card]) -> dict[str, list[Chunk]]:
+    """The chunks of each shown document, in order, for the full-text view.
+
+    Every chunk of a document is embedded while the chunks that are not shown add
+    at most CONTEXT_SHARE of the shown text: nearest chunks first (±1 around a
+    shown chunk, then ±2, …), so a long book adds its neighbouring pages, not
+    its whole text.
+    """
+    doc_ids = sorted({c.doc_id for c in cards})
+    if not doc_ids:
+        return {}
+    spans = read_columns(path, ("seq_index", "doc_id", "chunk", "char_start", "char_end"), filters=[("doc_id", "in", doc_ids)])
+    rows = sorted(zip(*(spans.column(c).to_pylist() for c in spans.column_names)), key=lambda r: (r[1], r[2]))
+    shown = {(c.doc_id, c.chunk) for c in cards}
+    distance: dict[int, int] = {}  # seq_index → distance in chunks to the nearest shown chunk of its document
+    by_doc: dict[str, list[tuple]] = {}
+    for r in rows:
+        by_doc.setdefault(r[1], []).append(r)
+    for doc_id, chunks in by_doc.items():
+        marks = [r[2] for r in chunks if (doc_id, r[2]) in shown]
+        for r in chunks:
+            distance[r[0]] = min(abs(r[2] - m) for m in marks) if marks else 1 << 30
+    size = {r[0]: r[4] - r[3] for r in rows}
+    budget = CONTEXT_SHARE * sum(size[s] for s, d in distance.items() if d == 0)
+    keep = {s for s, d in distance.items() if d == 0}
+    for s in sorted((s for s, d in distance.items() if d > 0), key=lambda s: distance[s]):
+        if size[s] > budget:
+            break
+        budget -= size[s]
+        keep.add(s)
+    texts = read_columns(path, ("seq_index", "text"), filters=[("seq_index", "in", sorted(keep))])
+    text_of = dict(zip(texts.column("seq_index").to_pylist(), texts.column("text").to_pylist()))
+    return {
+        doc_id: [Chunk(r[0], r[2], r[3], r[4], text_of[r[0]] or "") for r in chunks if r[0] in keep]
+        for doc_id, chunks in by_doc.items()
+    }
 
 
 def load_run(run_dir: str | Path, top: int) -> Run:
-    """Read run.json, config.yaml and the score tables, keeping what a report with ``top`` cards shows.
+    """Read run.json, config.yaml, the score tables and the analysis tables, keeping what ``top`` cards show.
 
     Raises:
-        FileNotFoundError: run.json, scores/queries.parquet or scores/top.parquet is missing.
-        ValueError: a table lacks a column the report needs.
+        FileNotFoundError: a file the report needs is missing; the message names it and the command that writes it.
+        ValueError: a table lacks a column the report needs, or rows of the shown sequences.
     """
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a run directory; `{PRODUCER}` creates one")
-    manifest = json.loads(_require(run_dir, RUN_MANIFEST).read_text())
-    queries_path = _require(run_dir, QUERIES_TABLE)
-    top_path = _require(run_dir, TOP_TABLE)
-
-    by_query = _shown_rows(top_path, top)
-    shown: dict[tuple[int, int], list[Shown]] = {}
+    manifest = json.loads(_require(run_dir, layout.RUN_MANIFEST).read_text())
+    config = yaml.safe_load(_require(run_dir, layout.RUN_CONFIG).read_text()) or {}
+    queries_path = _require(run_dir, layout.QUERIES_TABLE)
+    by_query = _cards(_require(run_dir, layout.TOP_TABLE), top)
+    shown: dict[tuple[int, int], list[Card]] = {}
     for q, rows in by_query.items():
-        for s in rows:
-            shown.setdefault((q, s.seq_index), []).append(s)
-    if shown and (run_dir / TOKENS_TABLE).is_file():
-        _attach_tokens(run_dir / TOKENS_TABLE, shown)
-    _attach_blocks(run_dir / LAYERS_TABLE, shown)
+        for card in rows:
+            shown.setdefault((q, card.seq_index), []).append(card)
+    _attach_tokens(_require(run_dir, layout.TOKENS_TABLE), shown)
+    layers = _layers(_require(run_dir, layout.LAYERS_TABLE))
+    all_cards = [c for rows in by_query.values() for c in rows]
+    documents = _documents(_require(run_dir, layout.SEQUENCES_FILE, "lminfluence fit"), all_cards)
 
     queries = []
-    for r in sorted(_read(queries_path, QUERY_COLUMNS).to_pylist(), key=lambda r: r["query_index"]):
+    for r in sorted(read_columns(queries_path, QUERY_COLUMNS).to_pylist(), key=lambda r: r["query_index"]):
         rows = by_query.get(int(r["query_index"]), [])
         queries.append(
             Query(
                 index=int(r["query_index"]),
                 id=str(r["query_id"]),
+                group=r["group"],
+                language=r["language"],
                 prompt=r["prompt"] or "",
                 completion=r["completion"] or "",
                 logp=float(r["logp"]),
@@ -240,6 +325,14 @@ def load_run(run_dir: str | Path, top: int) -> Run:
                 negative=[s for s in rows if s.rank < 0],
             )
         )
-    seq_path = run_dir / SEQUENCES_FILE
-    num_sequences = pq.read_metadata(seq_path).num_rows if seq_path.is_file() else None
-    return Run(run_dir, manifest, _read_config(run_dir / RUN_CONFIG), num_sequences, queries)
+    analysis = read_analysis(run_dir)
+    for (q, s), cards in shown.items():
+        flag = analysis.spurious.get((q, s))
+        for card in cards:
+            card.l2_l1, card.spurious = flag if flag is not None else (None, None)
+    logger.debug("read %d queries, %d shown sequences, %d documents", len(queries), len(shown), len(documents))
+    scan: dict[tuple[int, int], tuple[int, float]] = {}
+    if (run_dir / layout.MATRIX_TABLE).is_file():
+        wanted = {q.index: {c.seq_index for p in qs for c in p.positive} for qs in groups(queries).values() for q in qs}
+        scan = scan_positions(run_dir / layout.MATRIX_TABLE, wanted)
+    return Run(run_dir, manifest, config, layers, queries, documents, analysis, scan)
