@@ -34,7 +34,7 @@ from lminfluence.cli.main import main
 from lminfluence.corpus import SequenceStore
 from lminfluence.corpus.readers import read_queries
 from lminfluence.storage import layout
-from lminfluence.workflow.scoring import Shown
+from lminfluence.scoring.two_stage import Shown
 from lminfluence.workflow.tables import block_of, token_texts, write_tables
 
 MAX_LENGTH = 40
