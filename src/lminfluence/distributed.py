@@ -73,8 +73,22 @@ def init(device: str | torch.device | None = None) -> bool:
     if dev.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend_for(dev), timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
-    logger.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    global _owned
+    _owned = True
+    if dist.get_rank() == 0:
+        logger.info("%d processes joined the process group (%s)", dist.get_world_size(), dist.get_backend())
     return True
+
+
+_owned = False  # True when ``init`` created the process group (then ``shutdown`` destroys it)
+
+
+def shutdown() -> None:
+    """Leave the process group ``init`` joined (a process that exits with gloo's threads alive aborts)."""
+    global _owned
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned = False
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -179,6 +193,7 @@ __all__ = [
     "world_size",
     "is_main",
     "init",
+    "shutdown",
     "shard",
     "owner",
     "all_reduce_sum_",

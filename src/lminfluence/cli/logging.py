@@ -60,6 +60,17 @@ def _hf_progress_bars(enable: bool | None) -> bool:
     return was
 
 
+def silence(handler: logging.Handler | None = None) -> None:
+    """Warnings only, and no progress bar (ours, tqdm's, transformers'): for -q, and for ranks other than 0.
+
+    ``command_logging`` undoes it when the command ends.
+    """
+    for h in [handler] if handler is not None else [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
+        h.setLevel(logging.WARNING)
+    os.environ["TQDM_DISABLE"] = "1"
+    _hf_progress_bars(False)
+
+
 @contextmanager
 def command_logging(quiet: bool) -> Iterator[None]:
     """Messages to stderr (warnings only with ``quiet``, bars off too); every handler added is removed on exit."""
@@ -72,9 +83,8 @@ def command_logging(quiet: bool) -> Iterator[None]:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     hf_bars = _hf_progress_bars(None)
-    if quiet:  # progress bars too (ours and the libraries' tqdm bars)
-        os.environ["TQDM_DISABLE"] = "1"
-        _hf_progress_bars(False)
+    if quiet:
+        silence(handler)
     try:
         yield
     finally:  # leave the process as it was (tests and notebooks call main() many times)
@@ -87,4 +97,4 @@ def command_logging(quiet: bool) -> Iterator[None]:
             os.environ.pop("TQDM_DISABLE", None)
 
 
-__all__ = ["DeferredFileHandler", "attach_log", "command_logging"]
+__all__ = ["DeferredFileHandler", "attach_log", "command_logging", "silence"]

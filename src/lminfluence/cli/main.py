@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..errors import InputError, describe, exit_status
 from ..storage import layout
 from ..workflow.config import RunConfig, check_sections, merge, read_yaml
 from ..workflow.rundir import RunDir
-from .logging import attach_log, command_logging
+from .logging import attach_log, command_logging, silence
 from .options import add_section, given
 
 STAGE_SECTIONS = {"fit": ("model", "corpus", "fit"), "score": ("score",), "run": ("model", "corpus", "fit", "score")}
@@ -152,31 +153,49 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
 
     config = resolve(args, args.command)
-    attach_log(config.run_dir, args.command)
+    if dist.init(_device(config)) and not dist.is_main():  # under torchrun rank 0 alone logs, draws bars and prints
+        silence()
+    elif dist.is_main():
+        attach_log(config.run_dir, args.command)
     if args.command == "fit":
         plan = prepare_fit(config, overwrite=args.overwrite)
-        with plan.rd.lock():
+        with _lock(plan.rd):
             execute_fit(plan, progress=not args.quiet)
-        print(f"factors: {Path(config.run_dir) / layout.FACTORS_DIR}")
+        _say(f"factors: {Path(config.run_dir) / layout.FACTORS_DIR}")
     elif args.command == "score":
         score = prepare_score(config, overwrite=args.overwrite)
-        with score.rd.lock():
+        with _lock(score.rd):
             execute_score(score)
-        print(f"scores: {Path(config.run_dir) / layout.SCORES_DIR}")
+        _say(f"scores: {Path(config.run_dir) / layout.SCORES_DIR}")
     elif args.command == "run":
-        from ..report import write_report
-
         plan = prepare_fit(config, overwrite=args.overwrite)
         queries = prepare_queries(config, plan.tokenizer, plan.model)  # bad queries are refused before the fit
-        with plan.rd.lock():
+        with _lock(plan.rd):
             execute_fit(plan, progress=not args.quiet)
             score = prepare_score(config, overwrite=args.overwrite, model=plan.model, tokenizer=plan.tokenizer, queries=queries)
             execute_score(score)
-            from ..analysis import analyze_run
+            with dist.checked():
+                if dist.is_main():
+                    from ..analysis import analyze_run
+                    from ..report import write_report
 
-            analyze_run(config.run_dir, model=plan.model, tokenizer=plan.tokenizer)
-            print(f"report: {write_report(config.run_dir)}")
+                    analyze_run(config.run_dir, model=plan.model, tokenizer=plan.tokenizer)
+                    _say(f"report: {write_report(config.run_dir)}")
     return 0
+
+
+def _device(config: RunConfig) -> str | None:
+    return None if config.model.device == "auto" else config.model.device
+
+
+def _lock(rd: RunDir) -> Any:
+    """The run directory's lock, held by rank 0 for all ranks (one process group is one command)."""
+    return rd.lock() if dist.is_main() else contextlib.nullcontext()
+
+
+def _say(text: str) -> None:
+    if dist.is_main():
+        print(text)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -219,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with command_logging(args.quiet):
         try:
-            return run_command(args)
+            status = run_command(args)
+            dist.barrier()  # every rank finished: leave together
+            return status
         except BaseException as e:  # noqa: BLE001 - mapped to an exit status, or re-raised
             status = exit_status(e)
             if status is None or isinstance(e, SystemExit):
@@ -229,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"lminfluence {args.command}: error: {describe(e)}", file=sys.stderr)
             return status
+        finally:
+            dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import distributed as dist
 from ..corpus.readers import read_documents
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors, load_factors
@@ -90,8 +91,10 @@ def prepare_fit(config: RunConfig, *, overwrite: bool = False, replace_changed: 
                 f"{rd.path} already holds a different run ({'; '.join(diffs[:4]) or 'other inputs'}); "
                 "choose another --run-dir, or pass --overwrite to replace its results"
             )
+    # under torchrun rank 0 decides for all (before any rank writes, so all see the same directory)
+    reuse, staged = dist.broadcast_object((reuse, not reuse and _staged_corpus(rd, key)) if dist.is_main() else None)
     plan = FitPlan(config, rd, tokenizer, model, modules, key, fingerprints, reuse)
-    if not reuse and not _staged_corpus(rd, key):  # read and cut the corpus now: its errors come before any write
+    if not reuse and not staged:  # read and cut the corpus now: its errors come before any write
         plan.store, plan.num_documents = _tokenize(config, tokenizer)
     return plan
 
@@ -124,23 +127,41 @@ def _tokenize(config: RunConfig, tokenizer: Any) -> tuple[SequenceStore, int]:
 
 
 def execute_fit(plan: FitPlan, *, progress: bool = True) -> Factors:
-    """Tokenize and fit into the staging area, then commit corpus and factors together (call under ``rd.lock()``)."""
+    """Tokenize and fit into the staging area, then commit corpus and factors together (call under ``rd.lock()``).
+
+    Under torch.distributed every rank fits its share of the sequences; rank 0 alone writes.
+    """
     rd, config = plan.rd, plan.config
     if plan.reuse:
         logger.info("reusing the tokenized corpus and the factors in %s", rd.path)
         return load_run_factors(rd, plan.model)
-    root = rd.staging("fit", plan.key)
-    if plan.store is None:
-        store = SequenceStore.load(root)
-        num_documents = len(set(store.doc_id))
-        logger.info("resuming: the corpus was tokenized already (%d sequences)", len(store))
-    else:
-        store, num_documents = plan.store, plan.num_documents
-        store.save(root)
+    root = rd / layout.STAGING_DIR / "fit"
+    with dist.checked():
+        if dist.is_main():
+            rd.staging("fit", plan.key)
+            if plan.store is not None:
+                plan.store.save(root)
+    with dist.checked():  # every rank holds the corpus before rank 0 may commit (and move) it
+        if plan.store is None:
+            store = SequenceStore.load(root)
+            num_documents = len(set(store.doc_id))
+            logger.info("resuming: the corpus was tokenized already (%d sequences)", len(store))
+        else:
+            store, num_documents = plan.store, plan.num_documents
     t0 = time.perf_counter()
-    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=config.fit.execution, output_dir=root / layout.FACTORS_DIR)
+    output = root / layout.FACTORS_DIR if dist.is_main() else None
+    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=config.fit.execution, output_dir=output)
     seconds = time.perf_counter() - t0
     logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(plan.modules), seconds)
+    with dist.checked():
+        if dist.is_main():
+            _commit(plan, factors, store, num_documents, seconds)
+    return factors
+
+
+def _commit(plan: FitPlan, factors: Factors, store: SequenceStore, num_documents: int, seconds: float) -> None:
+    """Move the staged corpus and factors into place and record the fit in run.json and config.yaml."""
+    rd, config = plan.rd, plan.config
     rd.commit(
         "fit",
         RunConfig(config.run_dir, config.model, config.corpus, config.fit, None),
@@ -163,7 +184,6 @@ def execute_fit(plan: FitPlan, *, progress: bool = True) -> Factors:
             "max_length": config.corpus.max_length,
         },
     )
-    return factors
 
 
 def run_fit(config: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[RunDir, Factors]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..corpus.readers import Query, read_queries
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors
@@ -200,48 +201,63 @@ def prepare_score(
             "pass --overwrite to replace them (they stay until the new ones are complete)"
         )
     index = _load_index(rd, store, s.stages.candidates)
+    up_to_date = dist.broadcast_object(up_to_date)  # rank 0 decides for all (torchrun)
     return ScorePlan(config, rd, model, tokenizer, store, factors, queries, index, key, up_to_date)
 
 
 def execute_score(plan: ScorePlan) -> None:
-    """Run the two-stage procedure with its chunks on disk, write the tables, commit (call under ``rd.lock()``)."""
-    from .tables import write_tables
+    """Run the two-stage procedure with its chunks on disk, write the tables, commit (call under ``rd.lock()``).
 
-    rd, config, s = plan.rd, plan.config, plan.config.score
+    Under torch.distributed every rank runs it (each computing and saving its share of the
+    chunks in the shared staging folder); rank 0 alone writes the tables and commits.
+    """
+    rd, s = plan.rd, plan.config.score
     assert s is not None
     if plan.up_to_date:
         logger.info("the scores in %s are up to date; pass --overwrite to recompute them", rd / layout.SCORES_DIR)
         return
-    root = rd.staging("score", plan.key)
+    root = rd / layout.STAGING_DIR / "score"
+    with dist.checked():
+        if dist.is_main():
+            rd.staging("score", plan.key)
     task = CausalLMTask()
     t0 = time.perf_counter()
     index = plan.index
     if s.stages.candidates is not None and s.stages.candidates < len(plan.store) and index is None:
         index = TfidfIndex.build(plan.store.token_lists())
-        _save_index(index, rd / layout.TFIDF_FILE)
+        if dist.is_main():
+            _save_index(index, rd / layout.TFIDF_FILE)
         logger.info("built the TF-IDF index over %d sequences in %.1fs", len(plan.store), time.perf_counter() - t0)
     result = two_stage_scores(
         plan.model, plan.factors, plan.queries.examples, plan.store, s.scoring, s.stages,
         task=task, execution=s.execution, store=DiskStore(root / "partial"), index=index, chunk_size=s.files.chunk_size,
     )  # fmt: skip
+    with dist.checked():  # rank 0 writes the tables and commits; the others wait for its outcome
+        if dist.is_main():
+            _write_and_commit(plan, result, root, task, t0)
+
+
+def _write_and_commit(plan: ScorePlan, result: TwoStageResult, root: Path, task: CausalLMTask, t0: float) -> None:
+    """The score tables into the staging folder, then the stage committed."""
+    from .tables import write_tables
+
+    s = plan.config.score
+    assert s is not None
     logp = log_probs(plan.model, plan.queries.examples, task, s.execution.query_batch_size)
     write_tables(root, plan.queries.queries, logp, result.first, _as_columns(result), result.tfidf, result.columns, plan.store, plan.tokenizer, s.files.save_matrix)
     seconds = time.perf_counter() - t0
     dampings = list(layer_dampings(plan.factors, s.scoring).values())
-    rd.commit(
-        "score",
-        config,
-        {
-            "key": plan.key,
-            "queries": len(plan.queries.queries),
-            "query_rank": s.scoring.query_rank,
-            "candidates": s.stages.candidates,
-            "rescore_top": s.stages.rescore_top,
-            "top": s.stages.top,
-            "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
-            "seconds": round(seconds, 2),
-        },
-    )
+    entry = {
+        "key": plan.key,
+        "queries": len(plan.queries.queries),
+        "query_rank": s.scoring.query_rank,
+        "candidates": s.stages.candidates,
+        "rescore_top": s.stages.rescore_top,
+        "top": s.stages.top,
+        "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
+        "seconds": round(seconds, 2),
+    }
+    plan.rd.commit("score", plan.config, entry)
     logger.info("scored %d queries against %d sequences in %.1fs", len(plan.queries.queries), len(result.columns), seconds)
 
 
