@@ -1,5 +1,7 @@
-"""Data parallelism over ``torch.distributed``, as launched by ``torchrun``: who this process is, the few
-collectives the passes need, and errors that stop every rank instead of leaving the others waiting.
+"""Data parallelism over ``torch.distributed``, as launched by ``torchrun``.
+
+Who this process is, the few collectives the passes need, and errors that stop
+every rank instead of leaving the others waiting.
 
 Nothing here starts processes: ``torchrun --nproc-per-node K -m lminfluence …`` (or any launcher that sets
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``) does, and ``init`` joins the group it describes.
@@ -42,10 +44,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 without a process group)."""
     return dist.get_world_size() if active() else 1
 
 
@@ -152,6 +156,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def barrier() -> None:
+    """Wait until every rank got here."""
     if active():
         dist.barrier()
 

@@ -66,7 +66,7 @@ class LogProgress:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

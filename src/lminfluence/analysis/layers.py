@@ -58,9 +58,9 @@ def layer_shares(per_layer: np.ndarray) -> np.ndarray:
 
 def third_shares(shares: np.ndarray, thirds: Sequence[str]) -> dict[str, float]:
     """Sum of the layer shares within each third (0 for a third without layers; NaN shares stay NaN)."""
-    thirds = np.asarray(thirds)
-    shares = np.asarray(shares, dtype=np.float64)
-    return {t: float(shares[thirds == t].sum()) for t in THIRDS}
+    names = np.asarray(thirds)
+    values = np.asarray(shares, dtype=np.float64)
+    return {t: float(values[names == t].sum()) for t in THIRDS}
 
 
 def third_rank_agreement(per_layer: np.ndarray, thirds: Sequence[str]) -> dict[str, float]:
@@ -77,13 +77,13 @@ def third_rank_agreement(per_layer: np.ndarray, thirds: Sequence[str]) -> dict[s
     Returns:
         third → correlation; NaN with fewer than 3 sequences or a third without layers.
     """
-    per_layer = np.asarray(per_layer, dtype=np.float64)
-    thirds = np.asarray(thirds)
-    full = per_layer.sum(axis=1)
+    scores = np.asarray(per_layer, dtype=np.float64)
+    names = np.asarray(thirds)
+    full = scores.sum(axis=1)
     out = {}
     for t in THIRDS:
-        cols = thirds == t
-        out[t] = spearman(full, per_layer[:, cols].sum(axis=1)) if cols.any() else float("nan")
+        cols = names == t
+        out[t] = spearman(full, scores[:, cols].sum(axis=1)) if cols.any() else float("nan")
     return out
 
 

@@ -39,7 +39,8 @@ SCHEMAS = {
     "thirds": pa.schema([("query_index", _I32), ("query_id", _S)] + [(f"share_{t}", _F) for t in THIRDS] + [(f"spearman_{t}", _F) for t in THIRDS]),
     "spurious": pa.schema([("query_index", _I32), ("seq_index", _I64), ("rank", _I32), ("l2_l1", _F), ("spurious", pa.bool_())]),
     "crosslingual": pa.schema(
-        [("group", _S), ("language_from", _S), ("language_to", _S), ("query_from", _S), ("query_to", _S), ("k", _I32), ("captured", _F), ("overlap", _F), ("spearman", _F)]
+        [("group", _S), ("language_from", _S), ("language_to", _S), ("query_from", _S), ("query_to", _S)]
+        + [("k", _I32), ("captured", _F), ("overlap", _F), ("spearman", _F)]
     ),
     "word_order": pa.schema(
         [("pair_id", _S), ("query_id", _S), ("statement", _S), ("flipped", _S), ("score_statement", _F), ("score_flipped", _F), ("kept", _F)]

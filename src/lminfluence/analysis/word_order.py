@@ -121,7 +121,8 @@ def score_word_order(
     used = list(dict.fromkeys(p.query_id for p in pairs))  # distinct, in first-use order
     store = statement_sequences(pairs, tokenizer, max_length)
     examples = query_examples(tokenizer, [by_id[q] for q in used], model)
-    scores = compute_scores(model, factors, examples, list(store), config or ScoreConfig(), task=task, execution=execution).total.double().cpu().numpy()  # [Qu, 2P]
+    scored = compute_scores(model, factors, examples, list(store), config or ScoreConfig(), task=task, execution=execution)
+    scores = scored.total.double().cpu().numpy()  # [Qu, 2P]
     row = {q: i for i, q in enumerate(used)}
     cols: dict[str, list] = {c: [] for c in COLUMNS}
     for i, p in enumerate(pairs):
@@ -132,8 +133,11 @@ def score_word_order(
 
 
 def summarize_word_order(cols: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    """num_pairs, median_kept (over pairs whose statement scores > 0; NaN if none) and
-    flipped_lower_share (share of pairs where the flipped form scores lower)."""
+    """The word-order table summarised: num_pairs, median_kept and flipped_lower_share.
+
+    median_kept is over the pairs whose statement scores > 0 (NaN if none); flipped_lower_share
+    is the share of pairs where the flipped form scores lower.
+    """
     s = np.asarray(cols["score_statement"], dtype=np.float64)
     f = np.asarray(cols["score_flipped"], dtype=np.float64)
     kept = np.asarray(cols["kept"], dtype=np.float64)

@@ -30,16 +30,20 @@ REQUIRED_ACCURACY = 0.9  # the acceptance bar of the full-scale demo
 
 
 def demo_config(inputs, run_dir: Path) -> RunConfig:
+    """The demo's run: EK-FAC over its corpus and model, its queries scored with 10 sequences shown each."""
     return RunConfig(
         run_dir=str(run_dir),
         model=ModelSection(path=str(inputs.model_dir), dtype="float32"),
         corpus=CorpusSection(path=str(inputs.corpus_path), max_length=inputs.max_length),
         fit=FitSection(FactorConfig(strategy="ekfac"), Execution(batch_size=16)),
-        score=ScoreSection(ScoreFiles(queries=str(inputs.queries_path)), stages=TwoStageConfig(top=10), execution=Execution(batch_size=16, query_batch_size=32)),
+        score=ScoreSection(
+            ScoreFiles(queries=str(inputs.queries_path)), stages=TwoStageConfig(top=10), execution=Execution(batch_size=16, query_batch_size=32)
+        ),
     )
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Build (or reuse) the demo's inputs, fit, score, analyse, report, and print what it found."""
     from ..analysis import analyze_run
     from ..demo import prepare_demo
     from ..demo.summary import print_top, read_word_order, statement_pairs, summarize

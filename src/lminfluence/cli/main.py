@@ -44,6 +44,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lminfluence` argument parser; the stage commands' flags come from the config dataclasses."""
     parser = argparse.ArgumentParser(prog="lminfluence", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_section(p, section)
     p = sub.add_parser("analyze", help="the paper's analyses of a scored run (sparsity, layers, spurious sequences, cross-lingual, word order)")
     p.add_argument("--run-dir", "-o", dest="run_dir", required=True)
-    p.add_argument("--k", type=_positive, help="sequences per end of each query's list used by the layer, spurious and cross-lingual analyses (default: all shown)")
+    p.add_argument(
+        "--k", type=_positive, help="sequences per end of each query's list used by the layer, spurious and cross-lingual analyses (default: all shown)"
+    )
     p.add_argument("--pairs", help="JSON Lines of statement pairs (query_id, statement, flipped, optional id) to score in both word orders")
     p.add_argument("--quiet", "-q", action="store_true")
     p = sub.add_parser("compare", help="compare the rankings of two scored runs (two models on the same corpus and queries)")
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace, command: str) -> RunConfig:
-    """defaults < --config < flags; `score` takes model, corpus and fit from the run directory.
+    """Defaults < --config < flags; `score` takes model, corpus and fit from the run directory.
 
     Score settings come from --config and flags over the defaults; only a bare
     `lminfluence score -o RUN` (no score flag, no score section) repeats the saved ones,
@@ -130,6 +133,7 @@ def _score_section(args: argparse.Namespace, run_dir: str, from_file: dict[str, 
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """Run one parsed command; its exit status (errors are raised, and mapped by ``main``)."""
     from ..workflow.fitting import execute_fit, prepare_fit
     from ..workflow.scoring import execute_score, prepare_queries, prepare_score
 
@@ -210,7 +214,10 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"analysis: {rd / layout.ANALYSIS_DIR} ({', '.join(sorted(result.tables))})")
     if result.word_order:
         w = result.word_order
-        print(f"word order: {w['num_pairs']} pairs; the flipped form keeps a median {w['median_kept']:.2f}× the influence and scores lower for {w['flipped_lower_share']:.0%}")
+        print(
+            f"word order: {w['num_pairs']} pairs; the flipped form keeps a median {w['median_kept']:.2f}× the influence "
+            f"and scores lower for {w['flipped_lower_share']:.0%}"
+        )
     return 0
 
 
@@ -230,17 +237,19 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"{'query':24} {'spearman':>9} {f'top-{args.k} overlap':>14}")
     for row in zip(*(cols[c] for c in ("query_id", "spearman", "overlap"))):
         print(f"{str(row[0])[:24]:24} {row[1]:9.3f} {row[2]:14.2f}")
-    print(f"median: spearman {np.nanmedian(cols['spearman']):.3f}, top-{args.k} overlap {np.nanmedian(cols['overlap']):.2f} over {len(cols['query_id'])} queries")
+    spearman, overlap = np.nanmedian(cols["spearman"]), np.nanmedian(cols["overlap"])
+    print(f"median: spearman {spearman:.3f}, top-{args.k} overlap {overlap:.2f} over {len(cols['query_id'])} queries")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: run a command and map what it raises to an exit status with one line on stderr."""
     args = build_parser().parse_args(argv)
     with command_logging(args.quiet):
         try:
-            status = run_command(args)
+            done = run_command(args)
             dist.barrier()  # every rank finished: leave together
-            return status
+            return done
         except BaseException as e:  # noqa: BLE001 - mapped to an exit status, or re-raised
             status = exit_status(e)
             if status is None or isinstance(e, SystemExit):

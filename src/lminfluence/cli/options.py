@@ -50,7 +50,7 @@ def section_flags(section: str) -> list[Flag]:
         items = [(key, f, owners[attr]) for key, (attr, f) in cls.fields().items()]
         overrides = cls.FLAGS
     else:
-        items = [(key_of(f), f, cls) for f in dataclasses.fields(cls)]
+        items = [(key_of(f), f, cls) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         overrides = {}
     out = []
     for key, f, owner in items:
@@ -72,7 +72,7 @@ def _default_text(value: Any) -> str:
 
 
 def _number(kind: type) -> Any:
-    """argparse's type for int/float flags, with a message naming what was expected."""
+    """Argparse's type for int/float flags, with a message naming what was expected."""
 
     def parse(text: str) -> Any:
         try:

@@ -26,6 +26,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 
 @dataclass(frozen=True)
 class Document:
+    """A training document: its id and text (cut into sequences by ``SequenceStore.build``)."""
+
     id: str
     text: str
 

@@ -79,7 +79,7 @@ class SequenceStore:
     def num_tokens(self) -> np.ndarray:
         return np.diff(self.offsets).astype(np.int32)
 
-    def subset(self, indices: Sequence[int]) -> "SequenceView":
+    def subset(self, indices: Sequence[int]) -> SequenceView:
         return SequenceView(self, np.asarray(indices, dtype=np.int64))
 
     def digest(self) -> str:
@@ -91,7 +91,7 @@ class SequenceStore:
 
     # ---- building ----
     @classmethod
-    def build(cls, documents: Sequence[Document], tokenizer: Any, max_length: int, *, progress: bool = True) -> "SequenceStore":
+    def build(cls, documents: Sequence[Document], tokenizer: Any, max_length: int, *, progress: bool = True) -> SequenceStore:
         if max_length < 2:
             raise InputError(f"max_length must be ≥ 2 tokens, got {max_length}")
         if not getattr(tokenizer, "is_fast", False):
@@ -162,7 +162,7 @@ class SequenceStore:
         return (Path(run_dir) / SEQUENCES_FILE).is_file() and (Path(run_dir) / TOKENS_FILE).is_file()
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "SequenceStore":
+    def load(cls, run_dir: str | Path) -> SequenceStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
         from safetensors import SafetensorError
@@ -189,7 +189,9 @@ class SequenceStore:
                 "run `lminfluence fit` again with --overwrite"
             ) from e
         if len(store) != t.num_rows:
-            raise CorruptFileError(f"{run_dir}: {TOKENS_FILE} and {SEQUENCES_FILE} disagree on the number of sequences; run `lminfluence fit` again with --overwrite")
+            raise CorruptFileError(
+                f"{run_dir}: {TOKENS_FILE} and {SEQUENCES_FILE} disagree on the number of sequences; run `lminfluence fit` again with --overwrite"
+            )
         return store
 
 

@@ -1,5 +1,6 @@
-"""The built-in demo: a corpus of Python's own documentation and source with planted facts,
-and a small GPT-2 trained on it (``prepare_demo``), for ``lminfluence demo``.
+"""The built-in demo: Python's own documentation and source with planted facts, and a small GPT-2.
+
+``prepare_demo`` builds the corpus and trains the model on it, for ``lminfluence demo``.
 
 The facts follow the paper's word-order experiment: each is stated only as
 "<subject> was <name>", so a query in that order should find its documents,

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 import re
 import sysconfig
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ..corpus.readers import Document
 from .facts import Fact

@@ -11,6 +11,7 @@ seed gives other facts, and none of them is a word of the real text.
 from __future__ import annotations
 
 import random
+from collections.abc import Set
 from dataclasses import asdict, dataclass
 
 # {place} is an invented place name; every template is a subject that is completed by "was <name>"
@@ -95,7 +96,7 @@ class Fact:
         return out
 
 
-def make_facts(n: int, seed: int, forbidden: set[str] = frozenset()) -> list[Fact]:
+def make_facts(n: int, seed: int, forbidden: Set[str] = frozenset()) -> list[Fact]:
     """``n`` facts with distinct subjects, places and names, none of them in ``forbidden``.
 
     Args:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -152,7 +153,7 @@ def train_model(model: Any, pieces: list[list[int]], settings: TrainSettings, se
 
 @torch.no_grad()
 def completion_stats(model: Any, tokenizer: Any, prompt: str, completion: str) -> dict[str, float | bool]:
-    """log p(completion | prompt) summed over its tokens, and whether greedy decoding produces it."""
+    """Log p(completion | prompt) summed over its tokens, and whether greedy decoding produces it."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p + c])

@@ -77,8 +77,11 @@ def summarize(run_dir: Path, queries: list[dict], facts: list[dict]) -> dict[str
 
 
 def statement_pairs(queries: list[dict], facts: list[dict]) -> list:
-    """The paper's same-query word-order test: each fact's statement and its flipped statement, as new
-    sequences, scored against the trained-order query, so both scores are on one query's scale."""
+    """The pairs of the paper's same-query word-order test, one per fact.
+
+    Each fact's statement and its flipped statement, as new sequences, are scored against the
+    trained-order query, so both scores are on one query's scale.
+    """
     from ..analysis import StatementPair
 
     trained = {q["fact_id"]: q["id"] for q in queries if q["kind"] == "fact"}

@@ -99,7 +99,7 @@ class GroundTruth:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "GroundTruth":
+    def load(cls, path: str | Path) -> GroundTruth:
         path = Path(path)
         if not (path / SETTINGS_FILE).is_file() or not (path / DATA_FILE).is_file():
             raise FileNotFoundError(f"no LDS ground truth at {path} ({SETTINGS_FILE} and {DATA_FILE} expected)")

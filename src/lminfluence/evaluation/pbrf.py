@@ -171,7 +171,7 @@ def _parameter_dampings(
     else:
         owners = {}
         for mod_name, mod in resolve_modules(model, modules).items():
-            for pname, p in mod.named_parameters(recurse=False):
+            for pname, _ in mod.named_parameters(recurse=False):
                 owners[f"{mod_name}.{pname}"] = mod_name
     if isinstance(damping, Mapping):
         missing = sorted({o for o in owners.values() if o not in damping})
@@ -376,7 +376,7 @@ def _check_data(train: Any, queries: Iterable[Mapping[str, Any]], indices: Itera
     return train, queries, chosen
 
 
-def _solve_points(obj: "_Objective", task: Task, train: Any, queries: list, pending: list[int], config: PBRFConfig) -> Iterable[dict[str, Any]]:
+def _solve_points(obj: _Objective, task: Task, train: Any, queries: list, pending: list[int], config: PBRFConfig) -> Iterable[dict[str, Any]]:
     """Solve the PBRF objective for the pending points, ``points_per_batch`` at a time (vmapped); one record per point.
 
     Stops after the first batch holding a point that did not converge when ``config.strict``.
@@ -410,7 +410,7 @@ def _solve_points(obj: "_Objective", task: Task, train: Any, queries: list, pend
                     "steps": int(steps[rows].max()),
                     "rel_grad": float(rel[rows].max()),
                 }
-                converged_all &= rec["converged"]
+                converged_all = converged_all and bool(rec["converged"])
                 yield rec
             bar.update(len(group))
             if config.strict and not converged_all:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,7 @@ from ..errors import InputError
 K1 = 1.5
 
 
-def _indicator(token_lists: Iterable[Sequence[int]], vocab_size: int | None) -> sp.csr_matrix:
+def _indicator(token_lists: Iterable[Sequence[int] | np.ndarray], vocab_size: int | None) -> sp.csr_matrix:
     """Binary [rows, V] occurrence matrix (duplicates within a row count once)."""
     indptr, indices = [0], []
     for i, tokens in enumerate(token_lists):
@@ -58,7 +59,7 @@ class TfidfIndex:
         self.idf = np.log((c - n + 0.5) / (n + 0.5) + 1.0).astype(np.float32)  # Eq 29
 
     @classmethod
-    def build(cls, documents: Iterable[Sequence[int]], vocab_size: int | None = None, k1: float = K1) -> "TfidfIndex":
+    def build(cls, documents: Iterable[Sequence[int] | np.ndarray], vocab_size: int | None = None, k1: float = K1) -> TfidfIndex:
         """Index documents given as token-id sequences."""
         docs = _indicator(documents, vocab_size)  # [C, V]
         if docs.shape[0] == 0:
@@ -94,7 +95,7 @@ class TfidfIndex:
         idx = part[rows, order]
         return s[rows, idx], idx
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path | BinaryIO) -> None:
         """Write the index to one .npz file."""
         inv = self.inverted
         np.savez_compressed(
@@ -108,7 +109,7 @@ class TfidfIndex:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "TfidfIndex":
+    def load(cls, path: str | Path) -> TfidfIndex:
         with np.load(path) as z:
             inv = sp.csr_matrix(
                 (np.ones(z["indices"].size, dtype=np.float32), z["indices"], z["indptr"]), shape=tuple(z["shape"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -68,10 +68,12 @@ class LayerInfo:
 
 
 def is_supported(module: nn.Module) -> bool:
+    """True for the layers the adapter knows: nn.Linear and transformers' Conv1D."""
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
 def layer_info(module: nn.Module) -> LayerInfo:
+    """The shape and kind of a supported layer (TypeError for any other module)."""
     if isinstance(module, nn.Linear):
         return LayerInfo("linear", module.in_features, module.out_features, module.bias is not None)
     if Conv1D is not None and isinstance(module, Conv1D):

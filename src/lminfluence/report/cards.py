@@ -17,6 +17,7 @@ from .plots import histogram_svg, layers_svg, rank_svg, sparsity_caption, thirds
 
 
 def card_id(q: Query, card: Card) -> str:
+    """The HTML id of a card (links from the index and the side-by-side view point at it)."""
     return f"q{q.index}-{'p' if card.rank > 0 else 'n'}{abs(card.rank)}"
 
 

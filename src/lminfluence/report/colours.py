@@ -33,10 +33,12 @@ def mix(t: float) -> tuple[int, int, int]:
 
 
 def hex_colour(rgb: tuple[int, int, int]) -> str:
+    """#rrggbb of an RGB triple."""
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def tint(t: float) -> str:
+    """The heatmap colour of a value in [-1, 1] (blue below 0, orange above), as #rrggbb."""
     return hex_colour(mix(t))
 
 
@@ -55,8 +57,8 @@ def luminance(rgb: tuple[int, int, int]) -> float:
     """WCAG 2 relative luminance of an sRGB colour."""
 
     def channel(c: int) -> float:
-        c = c / 255
-        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+        x = c / 255
+        return x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4
 
     r, g, b = (channel(c) for c in rgb)
     return 0.2126 * r + 0.7152 * g + 0.0722 * b

@@ -22,6 +22,7 @@ def group_anchor(group: str, number: int) -> str:
 
 
 def group_anchors(run: Run) -> dict[str, str]:
+    """Query id → the HTML id of the side-by-side view of its group (for groups of two or more queries)."""
     return {g: group_anchor(g, i) for i, g in enumerate(groups(run.queries))}
 
 

@@ -104,6 +104,8 @@ class Chunk:
 
 @dataclass
 class Run:
+    """Everything the report shows of one run directory."""
+
     path: Path
     manifest: dict[str, Any]  # run.json
     config: dict[str, Any]  # config.yaml

@@ -180,7 +180,8 @@ def layers_svg(shares: Sequence[tuple[str, int, str, float]]) -> str:
         top, bottom = sorted((y(share), y(0.0)))
         parts.append(
             f'<rect x="{x(i) + 0.12 * (x(1) - x(0)):.1f}" y="{top:.1f}" width="{max(0.76 * (x(1) - x(0)), 0.8):.1f}" '
-            f'height="{max(bottom - top, 0.5):.1f}" fill="{tint(0.8 if share >= 0 else -0.8)}"><title>{escape(name)} (block {block}): {percent(share)}</title></rect>'
+            f'height="{max(bottom - top, 0.5):.1f}" fill="{tint(0.8 if share >= 0 else -0.8)}">'
+            f"<title>{escape(name)} (block {block}): {percent(share)}</title></rect>"
         )
     blocks = [b for _, b, _, _ in shares]
     step = max(1, math.ceil(len(set(blocks)) / 12))  # at most about 12 block labels
@@ -198,6 +199,7 @@ def layers_svg(shares: Sequence[tuple[str, int, str, float]]) -> str:
 
 
 def thirds_caption(t: dict[str, float]) -> str:
+    """The caption of a layer profile: each third's share, and how well scoring with one third keeps the ranking."""
     shares = " · ".join(f"{k} {percent(t[f'share_{k}'])}" for k in ("lower", "middle", "upper"))
     rho = " · ".join(f"{k} {t[f'spearman_{k}']:.2f}" if math.isfinite(t[f"spearman_{k}"]) else f"{k} n/a" for k in ("lower", "middle", "upper"))
     return f"Share of the top sequences' influence by third of the layers: {shares}. Ranking kept when scoring with one third only (Spearman): {rho}."

@@ -31,7 +31,7 @@ from ..config import Execution, ScoreConfig, Serializable, check_positive_int, o
 from ..curvature.factors import Factors
 from ..errors import ConfigError
 from ..filtering.tfidf import TfidfIndex
-from ..passes import run_pass, tracking
+from ..passes import model_device, run_pass, tracking
 from ..progress import progress
 from ..task.base import Task
 from .contract import LayerQueries, layer_scores
@@ -197,25 +197,25 @@ _DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, tor
 _FIELDS = ("dense", "u", "s", "v")
 
 
-def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str]) -> dict[str, LayerQueries]:
-    """Every rank's preconditioned queries on every rank, in query order (each rank computed ``positions``)."""
-    metas = dist.all_gather_objects(
-        None if local is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}
-    )
+def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str], device: torch.device) -> dict[str, LayerQueries]:
+    """Every rank's preconditioned queries on every rank (on ``device``), in query order (each rank computed ``positions``)."""
+    fields_of = {n: {f: t for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers} if local is not None else None
+    shapes = None if fields_of is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f, t in fs.items()} for n, fs in fields_of.items()}
+    metas = dist.all_gather_objects(shapes)
     order = np.concatenate([np.asarray(p, dtype=np.int64) for p in dist.all_gather_objects(positions)])
-    device = next(iter(local.values())).s.device if local is not None and next(iter(local.values())).s is not None else None
     pieces: dict[str, list[LayerQueries]] = {n: [] for n in layers}
     for r, meta in enumerate(metas):
         if meta is None:
             continue
         for n in layers:
-            fields = {}
+            received = {}
             for f, (shape, dtype) in meta[n].items():
-                t = getattr(local[n], f) if r == dist.rank() else torch.empty(shape, dtype=_DTYPES[dtype], device=device)  # type: ignore[index]
+                mine = fields_of is not None and r == dist.rank()
+                t = fields_of[n][f] if mine else torch.empty(shape, dtype=_DTYPES[dtype], device=device)  # type: ignore[index]
                 dist.broadcast_([t], src=r)
-                fields[f] = t
-            pieces[n].append(LayerQueries(**fields))
-    back = np.argsort(order)  # concatenated in rank order; back to the queries' order
+                received[f] = t
+            pieces[n].append(LayerQueries(**received))
+    back = torch.as_tensor(np.argsort(order))  # concatenated in rank order; back to the queries' order
     return {n: LayerQueries.concat(ps).select(back) for n, ps in pieces.items()}
 
 
@@ -251,7 +251,7 @@ class _Run:
         positions = dist.shard(list(range(len(qs))))
         with dist.checked():
             mine = local(qs[positions]) if positions else None
-        return _share(mine, positions, list(self.factors.layers))
+        return _share(mine, positions, list(self.factors.layers), model_device(self.model))
 
     def score(self, pq: dict[str, LayerQueries], rank: int | None, rows: np.ndarray) -> np.ndarray:
         cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
@@ -278,7 +278,7 @@ class _Run:
     def _pieces(self, names: list[str], todo: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
         """The saved pieces of ``names`` plus the ones computed now."""
         done = self._compute(todo)
-        return {n: done[n] if n in done else self.store.get(n) for n in names}  # type: ignore[misc]
+        return {n: done[n] if n in done else self.store.get(n) for n in names}
 
     def scan(self, union: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """First-stage scores [Q, U]; NaN where ``mask`` is False."""
@@ -295,8 +295,8 @@ class _Run:
                     logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(missing), len(chunks))
                 pq = self.precondition(qs, rank, shared=True) if missing else None
 
-                def make(part: np.ndarray) -> Any:
-                    return lambda: {"scores": self.score(pq, rank, union[part])}  # type: ignore[arg-type]
+                def make(part: np.ndarray, pq: Any = pq) -> Any:
+                    return lambda: {"scores": self.score(pq, rank, union[part])}
 
                 pieces = self._pieces(list(chunks), [(name, make(chunks[name])) for name in missing])
                 for name, part in chunks.items():
@@ -309,12 +309,13 @@ class _Run:
         """(final [Q, U], choice [Q, U]): each query's top and bottom M at full rank; ``choice`` holds only those."""
         final, choice = first.copy(), np.full_like(first, np.nan)
         m = self.stages.rescore_top
+        assert m is not None  # rescore() runs only with rescore_top
         groups = _groups(len(self.queries), self.execution.query_batch_size)
         names = [f"rescore-{g:04d}" for g in range(len(groups))]
 
         def make(qs: np.ndarray) -> Any:
             def run() -> dict[str, np.ndarray]:
-                idx = np.unique(np.concatenate([np.concatenate(ends(first[q], m)) for q in qs]))  # type: ignore[arg-type]
+                idx = np.unique(np.concatenate([np.concatenate(ends(first[q], m)) for q in qs]))
                 return {"idx": idx, "scores": self.score(self.precondition(qs, None), None, union[idx])}
 
             return run
@@ -324,7 +325,7 @@ class _Run:
             idx, block = pieces[name]["idx"], pieces[name]["scores"]
             for j, q in enumerate(qs):
                 # this query's own ends only: the group's union must not change what is shown
-                keep = np.isin(idx, np.concatenate(ends(first[q], m)))  # type: ignore[arg-type]
+                keep = np.isin(idx, np.concatenate(ends(first[q], m)))
                 final[q, idx[keep]] = block[j, keep]
                 choice[q, idx[keep]] = block[j, keep]
         return final, choice
@@ -409,15 +410,17 @@ def shown_details(
                 if not len(hit):
                     continue
                 local = torch.as_tensor(pos[hit] - start)
-                tokens = 0
+                tokens = torch.zeros(0)
                 for li, name in enumerate(layers):
                     cap = bc.captures[name]
                     lq = preconditioned[name].select([j])
                     algorithm = "project_low_rank" if lq.is_low_rank else "project"
                     tot, tok = layer_scores(lq, cap.a[local.to(cap.a.device)], cap.ds[local.to(cap.ds.device)], algorithm)
                     per_layer[li, offsets[j] + hit] = tot[0].double().cpu().numpy()
-                    tokens = tokens + tok[0].double().cpu()  # [h, T]
-                for h, t in zip(hit, tokens):  # type: ignore[call-overload]
+                    assert tok is not None  # "project" always returns per-token scores
+                    part = tok[0].double().cpu()  # [h, T]
+                    tokens = part if li == 0 else tokens + part
+                for h, t in zip(hit, tokens):
                     token_parts[int(offsets[j] + h)] = t.numpy()
             start = stop
     length = max((len(t) for t in token_parts.values()), default=0)

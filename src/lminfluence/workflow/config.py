@@ -126,7 +126,7 @@ class Composite:
 
     @classmethod
     def fields(cls) -> dict[str, tuple[str, dataclasses.Field]]:
-        """key → (part attribute, field), in declaration order."""
+        """Key → (part attribute, field), in declaration order."""
         out: dict[str, tuple[str, dataclasses.Field]] = {}
         for attr, (part, names) in cls.PARTS.items():
             for f in dataclasses.fields(part):
@@ -215,7 +215,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
         check_sections(data, where)
         if not data.get("run_dir") or not isinstance(data["run_dir"], str):
             raise ConfigError(f"{where}: run_dir is required (--run-dir)")
@@ -257,6 +257,7 @@ def _from_keys(section: type, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of sections as a dict (``safe_load``: no tags that build objects); InputError when it is not one."""
     import yaml
 
     p = Path(path).expanduser()
@@ -272,6 +273,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def dump_yaml(config: RunConfig) -> str:
+    """``config`` as the YAML text of RUN/config.yaml."""
     import yaml
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)

@@ -36,6 +36,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device ``device`` names ("auto": CUDA when there is one); InputError for one this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -52,9 +53,9 @@ def _check_model_path(section: ModelSection) -> None:
     if not path.exists():
         raise InputError(f"model {path} does not exist (give a Hugging Face model folder or a .gguf file)")
     if section.gguf_file is not None:
-        gguf = path / section.gguf_file
-        if not gguf.is_file():
-            raise InputError(f"GGUF file {gguf} does not exist")
+        gguf_path = path / section.gguf_file
+        if not gguf_path.is_file():
+            raise InputError(f"GGUF file {gguf_path} does not exist")
         try:
             import gguf  # noqa: F401
         except ImportError as e:
@@ -66,6 +67,7 @@ def _check_model_path(section: ModelSection) -> None:
 
 
 def load_tokenizer(section: ModelSection) -> Any:
+    """The model's tokenizer (or ``section.tokenizer``'s), checked to tokenize text to something."""
     from transformers import AutoTokenizer
 
     _check_model_path(section)
@@ -100,10 +102,12 @@ def load_model(section: ModelSection) -> nn.Module:
     if section.dtype == "auto" and model.dtype in (torch.float16, torch.bfloat16) and resolve_device(section.device).type == "cpu":
         logger.info("model stored in %s; computing in float32 on the CPU", model.dtype)
         model = model.float()
-    return model.to(resolve_device(section.device)).eval()
+    model.to(resolve_device(section.device))  # type: ignore[arg-type]  # (transformers' stub takes a model)
+    return model.eval()
 
 
 def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model takes, from its config (None when it does not say)."""
     cfg = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
         value = getattr(cfg, name, None)
@@ -114,8 +118,9 @@ def context_length(model: nn.Module) -> int | None:
 
 def check_pairing(model: nn.Module, tokenizer: Any, max_length: int) -> None:
     """Refuse a tokenizer whose ids the model cannot embed, and sequences past the model's context."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = emb.num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    emb = get_embeddings() if callable(get_embeddings) else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise InputError(
             f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}: "

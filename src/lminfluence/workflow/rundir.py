@@ -50,6 +50,7 @@ STAGES: dict[str, Stage] = {
 
 
 def now() -> str:
+    """The UTC time, as run.json records it."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -61,6 +62,8 @@ def _remove(path: Path) -> None:
 
 
 class RunDir:
+    """A run directory: what it holds (config, manifest, stages), its lock, and the staging of a stage's outputs."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser().resolve()
 
@@ -222,6 +225,7 @@ def digest(*parts: Any) -> str:
 
 
 def versions() -> dict[str, str]:
+    """The versions of lminfluence, torch and transformers, as run.json records them."""
     import torch
     import transformers
 

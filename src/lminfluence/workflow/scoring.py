@@ -82,9 +82,12 @@ def query_examples(tokenizer: Any, queries: Sequence[Query], model: nn.Module) -
 
 @torch.no_grad()
 def log_probs(model: nn.Module, examples: Sequence[dict], task: CausalLMTask, batch_size: int) -> np.ndarray:
-    """log p(completion | prompt) of each query under the model (the measurement f)."""
+    """Log p(completion | prompt) of each query under the model (the measurement f)."""
     device = model_device(model)
-    out = [task.measurement(task.forward(model, b), b).double().cpu() for b in (collate_to(task, examples[i : i + batch_size], device) for i in range(0, len(examples), batch_size))]
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_to(task, examples[i : i + batch_size], device)
+        out.append(task.measurement(task.forward(model, batch), batch).double().cpu())
     return torch.cat(out).numpy()
 
 
@@ -97,6 +100,7 @@ class QueryPlan:
 
 
 def prepare_queries(config: RunConfig, tokenizer: Any, model: nn.Module) -> QueryPlan:
+    """The score section's queries read and tokenized (errors before anything else runs)."""
     if config.score is None:
         raise InputError("no score settings: give --queries")
     queries = read_queries(config.score.files.queries)
@@ -244,7 +248,8 @@ def _write_and_commit(plan: ScorePlan, result: TwoStageResult, root: Path, task:
     s = plan.config.score
     assert s is not None
     logp = log_probs(plan.model, plan.queries.examples, task, s.execution.query_batch_size)
-    write_tables(root, plan.queries.queries, logp, result.first, _as_columns(result), result.tfidf, result.columns, plan.store, plan.tokenizer, s.files.save_matrix)
+    shown = _as_columns(result)
+    write_tables(root, plan.queries.queries, logp, result.first, shown, result.tfidf, result.columns, plan.store, plan.tokenizer, s.files.save_matrix)
     seconds = time.perf_counter() - t0
     dampings = list(layer_dampings(plan.factors, s.scoring).values())
     entry = {
