@@ -71,7 +71,7 @@ def write_summary(path: Path, results: list[Result], *, markers: list[str], seco
         lines += ["## Skipped cases", ""] + [f"- #{r.id} {r.case}: {r.observed}" for r in skipped] + [""]
     adapted = [r for r in results if r.adapted]
     if adapted:
-        lines += ["## Expectations adapted to the redesign", ""] + [f"- #{r.id} {r.case}: {r.adapted}" for r in adapted] + [""]
+        lines += ["## Expectations adapted to the redesign, or made explicit (the review judged some messages by hand)", ""] + [f"- #{r.id} {r.case}: {r.adapted}" for r in adapted] + [""]
     lines += ["## All cases", "", "| # | category | input / case | expected | observed | verdict |", "|---:|---|---|---|---|---|"]
     lines += [f"| {r.id} | {r.category} | {_cell(r.case)} | {_cell(r.expected)} | {_cell(r.observed)} | {r.verdict} |" for r in results]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
