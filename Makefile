@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all bench demo clean
+.PHONY: install test test-all bench demo reliability clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/bench_core.py
+
+# re-runs the reliability review's 212 cases against this checkout (about 10 minutes; benchmarks/reliability/README.md)
+reliability: install
+	$(PY) benchmarks/reliability/run.py
 
 # builds (or reuses) the demo's corpus, model and run in ./lminfluence-demo, then prints the results
 demo: install

@@ -267,3 +267,37 @@ def test_progress_is_logged_without_a_terminal(caplog):
         bar.update(4)
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("fit covariance: 4/10 seq (40%)") and "seq/s" in line and "1,234 tok/s" in line and "ETA" in line
+
+
+def test_report_checks_its_inputs_before_writing(inputs, scored, tmp_path, capsys):
+    """A damaged top.parquet, or a fitted run without scores: exit 2 with one line naming it, and no log written."""
+    run = copy(scored, tmp_path)
+    truncate(run / layout.TOP_TABLE)
+    err = refuses(["report", "-o", str(run)], capsys, "damaged", untouched=run)
+    assert err.count("\n") == 1
+    fitted = tmp_path / "fitted"
+    assert main(fit_args(inputs, fitted)) == 0
+    refuses(["report", "-o", str(fitted)], capsys, "lminfluence score", untouched=fitted)
+
+
+def test_writer_errors_that_are_not_oserrors_still_end_in_one_line(inputs, scored, tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as its own error type ("… (os error 28)"): it becomes the OSError it is (exit 2)."""
+    from safetensors import SafetensorError
+
+    import lminfluence.curvature.factors as factors
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(factors, "save_file", full)
+    run = tmp_path / "run"
+    err = refuses(fit_args(inputs, run) + ["--strategy", "diagonal"], capsys, "No space left on device", untouched=tmp_path / "elsewhere")
+    assert err.count("\n") == 1 and not (run / layout.FACTORS_DIR).exists()
+
+
+def test_up_to_date_commands_take_no_lock(inputs, scored, tmp_path):
+    """A command with nothing to write (scores up to date) takes no lock, so it works on a directory it may only read."""
+    run = copy(scored, tmp_path)
+    (run / layout.LOCK_FILE).unlink()
+    assert main(["score", "-o", str(run), "--queries", str(inputs["queries"]), *SCORE]) == 0
+    assert not (run / layout.LOCK_FILE).exists()

@@ -97,11 +97,12 @@ def resolve(args: argparse.Namespace, command: str) -> RunConfig:
     if not run_dir or not isinstance(run_dir, str):
         raise InputError("give --run-dir (or run_dir in --config)")
     data: dict[str, Any] = {k: v for k, v in from_file.items() if k != "run_dir"}
-    if command == "score":  # model, corpus and fit are what the fit saved
-        saved = RunDir(run_dir).saved_config()
-        if saved is None:
-            raise InputError(f"{run_dir} is not a run directory (no {layout.RUN_CONFIG}); run `lminfluence fit` first")
-        data.update({k: v for k, v in saved.items() if k in ("model", "corpus", "fit")})
+    if command == "score":  # model, corpus and fit are what the finished fit recorded in run.json
+        rd = RunDir(run_dir)
+        fit = rd.finished("fit") if rd.is_run() else None
+        if fit is None or not isinstance(fit.get("sections"), dict):
+            raise InputError(f"{run_dir} is not a run directory with a finished fit; run `lminfluence fit` first")
+        data.update(fit["sections"])
     else:
         data = merge(data, {name: given(args, name) for name in ("model", "corpus", "fit")})
     if "score" in STAGE_SECTIONS[command]:
@@ -146,13 +147,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         return _compare(args)
     if args.command == "report":
-        from ..report import write_report
+        from ..report import load_run, write_report
 
         rd = RunDir(args.run_dir)
-        attach_log(rd.path, "report", ready=rd.is_run())
+        run = load_run(rd.path, args.top)  # every file checked before anything (a log line included) is written
+        attach_log(rd.path, "report", ready=True)
         inside = args.output is None or rd.path in Path(args.output).expanduser().resolve().parents
-        with rd.lock() if rd.is_run() and inside else contextlib.nullcontext():
-            path = write_report(args.run_dir, output=args.output, top=args.top)
+        with rd.lock() if inside else contextlib.nullcontext():
+            path = write_report(rd.path, output=args.output, top=args.top, run=run)
         print(f"report: {path}")
         return 0
 
@@ -163,12 +165,12 @@ def run_command(args: argparse.Namespace) -> int:
         attach_log(config.run_dir, args.command)
     if args.command == "fit":
         plan = prepare_fit(config, overwrite=args.overwrite)
-        with _lock(plan.rd):
+        with _lock(plan.rd, writes=not plan.reuse):
             execute_fit(plan, progress=not args.quiet)
         _say(f"factors: {Path(config.run_dir) / layout.FACTORS_DIR}")
     elif args.command == "score":
         score = prepare_score(config, overwrite=args.overwrite)
-        with _lock(score.rd):
+        with _lock(score.rd, writes=not score.up_to_date):
             execute_score(score)
         _say(f"scores: {Path(config.run_dir) / layout.SCORES_DIR}")
     elif args.command == "run":
@@ -192,9 +194,13 @@ def _device(config: RunConfig) -> str | None:
     return None if config.model.device == "auto" else config.model.device
 
 
-def _lock(rd: RunDir) -> Any:
-    """The run directory's lock, held by rank 0 for all ranks (one process group is one command)."""
-    return rd.lock() if dist.is_main() else contextlib.nullcontext()
+def _lock(rd: RunDir, writes: bool = True) -> Any:
+    """The run directory's lock, held by rank 0 for all ranks (one process group is one command).
+
+    A command that will write nothing (the results are up to date) takes no lock, so it also
+    works on a run directory it may only read.
+    """
+    return rd.lock() if dist.is_main() and writes else contextlib.nullcontext()
 
 
 def _say(text: str) -> None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from ..errors import CorruptFileError
 from ..storage import layout
 from .analysis_tables import Analysis, read_analysis
 
@@ -284,8 +285,19 @@ def load_run(run_dir: str | Path, top: int) -> Run:
 
     Raises:
         FileNotFoundError: a file the report needs is missing; the message names it and the command that writes it.
+        CorruptFileError: a file is damaged (not JSON, YAML or Parquet); the message names it.
         ValueError: a table lacks a column the report needs, or rows of the shown sequences.
     """
+    try:
+        return _load_run(run_dir, top)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError, pa.ArrowException) as e:
+        raise CorruptFileError(
+            f"a file of {run_dir} that the report reads is damaged ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+            "run the command that writes it again"
+        ) from e
+
+
+def _load_run(run_dir: str | Path, top: int) -> Run:
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     run_dir = Path(run_dir)

@@ -216,7 +216,7 @@ def render(run: Run) -> str:
     )
 
 
-def write_report(run_dir: str | Path, *, output: str | Path | None = None, top: int = 10) -> Path:
+def write_report(run_dir: str | Path, *, output: str | Path | None = None, top: int = 10, run: Run | None = None) -> Path:
     """Write the self-contained HTML report of a run directory.
 
     Args:
@@ -224,6 +224,7 @@ def write_report(run_dir: str | Path, *, output: str | Path | None = None, top: 
             (docs/run-directory.md), and optionally those of ``lminfluence analyze``.
         output: where to write; default ``RUN/report/index.html``.
         top: cards per query, for the most positive and again for the most negative sequences.
+        run: the run as ``load_run`` read it already (then ``run_dir`` and ``top`` are not read again).
 
     Returns:
         The path written.
@@ -233,7 +234,7 @@ def write_report(run_dir: str | Path, *, output: str | Path | None = None, top: 
             command that writes it.
         ValueError: a table lacks a column or rows the report needs.
     """
-    run = load_run(run_dir, top)
+    run = run if run is not None else load_run(run_dir, top)
     out = Path(output) if output is not None else Path(run_dir) / REPORT_FILE
     html = render(run)
     atomic_write_text(out, html)

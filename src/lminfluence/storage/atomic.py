@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,14 @@ def _file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def _os_error_code(error: BaseException) -> int | None:
+    """The errno of an error that is not an OSError but says "(os error N)" (safetensors, some Rust writers)."""
+    if isinstance(error, OSError):
+        return None
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return int(match.group(1)) if match else None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -33,9 +42,12 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
         write(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        code = _os_error_code(e)
+        if code is not None:  # a writer (safetensors) that reports the OS error as its own type
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise
     return path
 

@@ -165,7 +165,8 @@ def _commit(plan: FitPlan, factors: Factors, store: SequenceStore, num_documents
     rd.commit(
         "fit",
         RunConfig(config.run_dir, config.model, config.corpus, config.fit, None),
-        {"key": plan.key, "inputs": plan.fingerprints, "strategy": factors.strategy, "layers": len(factors.layers),
+        {"key": plan.key, "inputs": plan.fingerprints, "sections": {k: v for k, v in config.to_dict().items() if k in ("model", "corpus", "fit")},
+         "strategy": factors.strategy, "layers": len(factors.layers),
          "train_size": factors.num_sequences, "seconds": round(seconds, 2)},  # fmt: skip
         versions=versions(),
         model={
