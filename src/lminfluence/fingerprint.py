@@ -19,7 +19,7 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """A hash of names, shapes and values (as float32 on the CPU, so independent of device and of a lossless dtype change)."""
     h = hashlib.sha256()
     for name, t in named:
-        t = t.detach()
+        t = _full(t.detach())
         h.update(f"{name}|{tuple(t.shape)}|".encode())
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), _CHUNK):
@@ -29,9 +29,20 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:32]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (FSDP's sharded parameters; a collective: every rank calls it)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def model_version_key(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or modified in place (cheap; no hashing)."""
-    return tuple((n, t.data_ptr(), t._version) for n, t in model.state_dict(keep_vars=True).items())
+    return tuple((n, _local(t).data_ptr(), t._version) for n, t in model.state_dict(keep_vars=True).items())
 
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (version key, fingerprint)
