@@ -385,7 +385,7 @@ def test_tables_of_another_writer_are_refused(run: Path):
     table = pq.read_table(run / layout.TOKENS_TABLE).to_pandas()
     table.loc[0, "token"] = "\ufffd"
     table.to_parquet(run / layout.TOKENS_TABLE)
-    with pytest.raises(ValueError, match="do not add up.*rerun"):
+    with pytest.raises(ValueError, match="do not add up.*score --overwrite"):
         write_report(run)
     table[table.seq_index != table.seq_index[0]].to_parquet(run / layout.TOKENS_TABLE)
     with pytest.raises(ValueError, match="no token rows"):

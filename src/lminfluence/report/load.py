@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from ..errors import CorruptFileError
+from ..errors import CorruptFileError, StaleError
 from ..storage import layout
 from .analysis_tables import Analysis, read_analysis
 
@@ -297,6 +297,18 @@ def load_run(run_dir: str | Path, top: int) -> Run:
         ) from e
 
 
+def _check_texts(cards: list[Card], documents: dict[str, list[Any]]) -> None:
+    """Every shown sequence's token pieces add up to its text: tables of another run are refused, not drawn wrong."""
+    text_of = {c.seq_index: c.text for chunks in documents.values() for c in chunks}
+    for card in cards:
+        if text_of.get(card.seq_index) != card.text:
+            raise StaleError(
+                f"the token texts of sequence {card.seq_index} in scores/tokens.parquet do not add up to its text in "
+                "corpus/sequences.parquet (tables of another run, or of an lminfluence that decoded each token alone): "
+                "run `lminfluence score --overwrite`"
+            )
+
+
 def _load_run(run_dir: str | Path, top: int) -> Run:
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
@@ -344,6 +356,7 @@ def _load_run(run_dir: str | Path, top: int) -> Run:
         flag = analysis.spurious.get((q, s))
         for card in cards:
             card.l2_l1, card.spurious = flag if flag is not None else (None, None)
+    _check_texts(all_cards, documents)
     logger.debug("read %d queries, %d shown sequences, %d documents", len(queries), len(shown), len(documents))
     scan: dict[tuple[int, int], tuple[int, float]] = {}
     if (run_dir / layout.MATRIX_TABLE).is_file():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .colours import LEVELS
-from .load import Card, Run
+from .load import Run
 
 QUANT = 255
 ENCODING = "gzip+base85"
@@ -76,13 +76,11 @@ def build(run: Run) -> dict[str, Any]:
     """The payload of a run (see the module docstring)."""
     numbers = card_numbers(run)
     doc_number = {doc_id: i for i, doc_id in enumerate(sorted(run.documents))}
-    chunk_text = {c.seq_index: c.text for chunks in run.documents.values() for c in chunks}
     seqs: dict[str, list[Any]] = {}
     cards: list[list[Any]] = [[] for _ in numbers]
     queries = []
     for qpos, q in enumerate(run.queries):
         for card in q.cards:
-            _check_text(card, chunk_text.get(card.seq_index))
             seqs.setdefault(str(card.seq_index), [doc_number[card.doc_id], lengths_text([utf16_length(t) for t in card.tokens])])
             peak = _peak(card.token_scores)
             cards[numbers[id(card)]] = [card.seq_index, qpos, peak, _quantise(card.token_scores, peak), [_round3(b) for b in card.block_scores]]
@@ -103,15 +101,6 @@ def build(run: Run) -> dict[str, Any]:
         "seqs": seqs,
         "docs": docs,
     }
-
-
-def _check_text(card: Card, text: str | None) -> None:
-    if text is None or card.text != text:
-        raise ValueError(
-            f"the token texts of sequence {card.seq_index} in scores/tokens.parquet do not add up to its text in "
-            "corpus/sequences.parquet (tables of another run, or of an lminfluence that decoded each token alone): "
-            "rerun `lminfluence score --overwrite`"
-        )
 
 
 def encode(payload: dict[str, Any]) -> str:
