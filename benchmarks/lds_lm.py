@@ -106,18 +106,25 @@ def run_methods(names: list[str], ctx: Context, key: dict, out: Path) -> dict[st
     return res
 
 
-def lissa_check(ctx: Context, methods: dict[str, dict], sizes: Sizes, out: Path) -> dict:
-    """Pearson (over all N training sequences) of each method with the exact damped GN influence, first k queries."""
+def lissa_check(ctx: Context, methods: dict[str, dict], groups: np.ndarray, sizes: Sizes, out: Path) -> dict:
+    """Pearson (over all N training sequences) of each method with the exact damped GN influence.
+
+    On ``sizes.check_queries`` queries, the first ones of each group in turn.
+    """
+    by_group = [np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))]
+    turns = [int(ids[k]) for k in range(max(map(len, by_group))) for ids in by_group if k < len(ids)]  # firsts, seconds, ...
+    picked = sorted(turns[: sizes.check_queries])
     path = out / "exact.pt"
     cached = load_tensors(path)
-    settings = {"damping": ctx.damping, "queries": sizes.check_queries, "max_iter": sizes.check_max_iter, "tol": sizes.check_tol}
+    settings = {"damping": ctx.damping, "queries": picked, "max_iter": sizes.check_max_iter, "tol": sizes.check_tol}
     if cached is None or cached.get("settings") != settings:
-        print(f"exact damped Gauss–Newton influence (CG) for {sizes.check_queries} queries ...", flush=True)
-        cached = exact_scores(ctx, sizes.check_queries, sizes.check_max_iter, sizes.check_tol) | {"settings": settings}
+        print(f"exact damped Gauss–Newton influence (CG) for queries {picked} ...", flush=True)
+        cached = exact_scores(ctx, picked, sizes.check_max_iter, sizes.check_tol) | {"settings": settings}
         save_tensors(path, cached)
     exact = cached["scores"]
-    per = {n: [pearson(r["scores"][q], exact[q]) for q in range(exact.shape[0])] for n, r in methods.items()}
-    return {"iterations": cached["iterations"], "residual": cached["residual"], "seconds": cached["seconds"], "pearson": per}
+    per = {n: [pearson(r["scores"][i], exact[k]) for k, i in enumerate(picked)] for n, r in methods.items()}
+    return {"queries": picked, "iterations": cached["iterations"], "residual": cached["residual"], "seconds": cached["seconds"],
+            "pearson": per}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,9 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
     subsets, seeds = args.subsets or sizes.subsets, args.seeds or sizes.seeds
     out = args.out or Path("runs") / ("lds-lm-quick" if args.quick else "lds-lm")
     start = time.perf_counter()
+    stages: dict[str, float] = {}  # seconds of each stage in this invocation (near 0 when read from the cache)
+
+    def lap(stage: str) -> None:
+        stages[stage] = time.perf_counter() - start - sum(stages.values())
 
     corpus = build_corpus(sizes.corpus, out / "corpus")
     model, info = scored_model(corpus, model_spec, out)
+    lap("corpus and model")
     groups = corpus.groups()
     print(f"corpus: N = {len(corpus.store)} sequences ({int(corpus.store.num_tokens.sum())} tokens), "
           f"{len(corpus.queries)} queries ({', '.join(f'{g}: {int((groups == g).sum())}' for g in sorted(set(groups)))}); "
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     if curv is None or curv.get("key") != key:
         curv = curvature_scale(ctx) | {"key": key}
         save_tensors(out / "curvature.pt", curv)
+    lap("curvature scale")
     ctx.damping = args.damping_scale * curv["mean_eigenvalue"]
     depth = math.ceil(math.log(1 / sizes.lissa_tail) * (curv["max_eigenvalue"] + ctx.damping) / ctx.damping)
     ctx.lissa = {"lissa_depth": min(depth, sizes.lissa_max_depth), "lissa_batch_size": sizes.lissa_batch_size}
@@ -167,28 +180,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("methods:", flush=True)
     methods = run_methods(args.methods, ctx, key, out)
+    lap("methods")
 
     # the retrainings belong to this corpus and recipe: their directory is named by both
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    truth_key = json.loads(json.dumps({"corpus": asdict(sizes.corpus), "model": asdict(model_spec)}))
+    digest = hashlib.sha256(json.dumps(truth_key, sort_keys=True).encode()).hexdigest()[:10]
     print(f"ground truth: {subsets} subsets × {seeds} seeds in {out / f'truth-{digest}'} ...", flush=True)
     truth, timing = build_truth(partial(train_on, corpus, model_spec), partial(measure, examples=corpus.examples),
                                 len(corpus.store), out / f"truth-{digest}", num_subsets=subsets, seeds=seeds, seed=args.seed, report_every=10)
+    lap("ground truth")
     report = {
         "setup": {"n_train": len(corpus.store), "tokens": int(corpus.store.num_tokens.sum()), "queries": corpus.queries,
                   "corpus": asdict(sizes.corpus), "model": info, "damping": ctx.damping, "damping_scale": args.damping_scale,
-                  "curvature": curv, "lissa": ctx.lissa, "lissa_depth_needed": depth, "subsets": subsets, "seeds": seeds},
+                  "curvature": curv, "lissa": ctx.lissa, "lissa_depth_needed": depth, "subsets": subsets, "seeds": seeds,
+                  "vary_init": args.vary_init},
         "retraining": timing,
         "truth": truth_diagnostics(truth, groups),
         "lds": summarize({n: r["scores"] for n, r in methods.items()}, truth, groups),
         "cost": {n: {"fit_s": r["fit_s"], "score_s": r["score_s"], "meta": r["meta"]} for n, r in methods.items()},
     }
     if not args.no_check:
-        report["check"] = lissa_check(ctx, methods, sizes, out)
+        report["check"] = lissa_check(ctx, methods, groups, sizes, out)
+        lap("exact check")
     report["seconds"] = time.perf_counter() - start
+    report["stages"] = stages
     report["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                          "load_average": list(os.getloadavg())}
-    print("\n" + tables(report, subsets, seeds) + f"\n\ntotal {report['seconds']:.0f} s", flush=True)
-    save_json(out / "results.json", report)
+    print("\n" + tables(report, subsets, seeds) + f"\n\ntotal {report['seconds']:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")", flush=True)
+    save_json(out / ("results-vary-init.json" if args.vary_init else "results.json"), report)
     if args.json:
         save_json(args.json, report)
     return report
@@ -219,7 +239,7 @@ def tables(report: dict, subsets: int, seeds: int) -> str:
         ch = report["check"]
         rows = [[METHODS[n].label, f"{np.mean(v):.3f}", f"{np.min(v):.3f}"] for n, v in ch["pearson"].items()]
         out += (f"\n\nAgainst the exact damped Gauss–Newton influence (CG, {ch['iterations']} iterations, residual "
-                f"{ch['residual']:.0e}), Pearson over all training sequences, {len(next(iter(ch['pearson'].values())))} queries\n\n"
+                f"{ch['residual']:.0e}), Pearson over all training sequences, queries {ch['queries']}\n\n"
                 + markdown(["method", "mean", "min"], rows))
     return out
 

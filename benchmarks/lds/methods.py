@@ -63,8 +63,10 @@ METHODS: dict[str, Method] = {
     "identity": Method("gradient dot product", fit={"strategy": "identity"}),
     "cosine": Method("gradient cosine", kind="cosine", fit={"strategy": "identity"}),
     "ekfac": Method("EK-FAC", fit={"strategy": "ekfac"}),
-    "ekfac_default": Method("EK-FAC, library damping (0.1 × each layer's mean eigenvalue)", fit={"strategy": "ekfac"}, score={"damping_scale": 0.1}),
     "lissa": Method("LiSSA", fit={"strategy": "lissa"}),
+    # EK-FAC at the library's relative damping, λ = scale × each layer's mean eigenvalue (default 0.1)
+    **{f"ekfac_s{s:g}": Method(f"EK-FAC, λ = {s:g} × layer mean{' (library default)' if s == 0.1 else ''}", fit={"strategy": "ekfac"},
+                               score={"damping_scale": s}) for s in (0.001, 0.01, 0.1, 1.0)},
 }
 
 
@@ -131,7 +133,7 @@ def run_method(method: Method, ctx: Context) -> dict[str, Any]:
         query_sq = li.compute_self_scores(model, factors, ctx.queries, cfg).total.double()  # ‖∇f_q‖², [Q]
         scores = scores / (query_sq.sqrt()[:, None] * train_sq.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
     meta = {k: v for k, v in result.meta.items() if k in ("strategy", "lissa")}
-    meta["damping"] = "per layer" if cfg.damping is None else cfg.damping
+    meta["damping"] = result.meta["damping"]  # per layer
     return {"scores": scores, "fit_s": fitted - start, "score_s": time.perf_counter() - fitted, "meta": meta}
 
 
@@ -160,8 +162,8 @@ def curvature_scale(ctx: Context) -> dict[str, float]:
     return {"mean_eigenvalue": mean_gn_eigenvalue(setup, seed=ctx.seed), "max_eigenvalue": max_eigenvalue(setup)}
 
 
-def exact_scores(ctx: Context, n_queries: int, max_iter: int, tol: float) -> dict[str, Any]:
-    """-∇fᵀ(G + λI)⁻¹∇L(z) with the full G (all layers coupled) for the first ``n_queries`` queries.
+def exact_scores(ctx: Context, queries: list[int], max_iter: int, tol: float) -> dict[str, Any]:
+    """-∇fᵀ(G + λI)⁻¹∇L(z) with the full G (all layers coupled) for the queries at these indices.
 
     Conjugate gradients on full-batch Gauss–Newton-vector products (the
     accuracy study's ``exact_influence``) at the benchmark's λ: what LiSSA
@@ -169,7 +171,7 @@ def exact_scores(ctx: Context, n_queries: int, max_iter: int, tol: float) -> dic
     """
     from accuracy.exact import exact_influence
 
-    return exact_influence(as_setup(ctx, ctx.queries[:n_queries]), ctx.damping, max_iter=max_iter, tol=tol)
+    return exact_influence(as_setup(ctx, [ctx.queries[i] for i in queries]), ctx.damping, max_iter=max_iter, tol=tol)
 
 
 __all__ = ["Method", "METHODS", "Context", "run_method", "factor_config", "score_config", "as_setup", "curvature_scale", "exact_scores"]

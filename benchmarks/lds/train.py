@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def scored_model(corpus: Corpus, spec: ModelSpec, cache: Path) -> tuple[Any, dic
     """The model trained on every training sequence (the one scored), trained once and cached."""
     from transformers import GPT2LMHeadModel
 
-    key = json.loads(json.dumps(asdict(spec)))
+    key = json.loads(json.dumps(asdict(replace(spec, vary_init=False))))  # vary_init is about the retrainings only
     info_path, model_dir = cache / "model.json", cache / "model"
     if info_path.is_file() and (model_dir / "model.safetensors").is_file():
         info = json.loads(info_path.read_text())
