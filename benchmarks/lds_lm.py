@@ -61,7 +61,7 @@ from accuracy.tables import markdown  # noqa: E402
 from lds.corpus import CorpusSpec, build_corpus  # noqa: E402
 from lds.methods import METHODS, Context, curvature_scale, exact_scores, run_method  # noqa: E402
 from lds.train import ModelSpec, measure, scored_model, train_on  # noqa: E402
-from lds.truth import build_truth, summarize, truth_diagnostics  # noqa: E402
+from lds.truth import build_truth, paired, summarize, truth_diagnostics  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         "lds": summarize({n: r["scores"] for n, r in methods.items()}, truth, groups),
         "cost": {n: {"fit_s": r["fit_s"], "score_s": r["score_s"], "meta": r["meta"]} for n, r in methods.items()},
     }
+    if "ekfac" in report["lds"]:
+        report["lds_minus_ekfac"] = paired(report["lds"], "ekfac", groups)
     if not args.no_check:
         report["check"] = lissa_check(ctx, methods, groups, sizes, out)
         lap("exact check")
@@ -218,16 +220,19 @@ def tables(report: dict, subsets: int, seeds: int) -> str:
     """The markdown tables for docs/accuracy.md: LDS with costs, the ground truth's noise, the LiSSA check."""
     groups = [g for g in report["truth"] if g != "all"]
     ek = report["cost"].get("ekfac", {}).get("score_s")
+    diff = report.get("lds_minus_ekfac", {})
     rows = []
     for name, row in report["lds"].items():
         c = report["cost"][name]
         ratio = f"{c['score_s'] / ek:.2g}" if ek else "–"
+        d = diff.get(name, {}).get("all")
+        delta = f"{d['mean']:+.3f} ± {d['se']:.3f}" if d and name != "ekfac" else "–"
         rows.append([METHODS[name].label] + [_pm(row[g]) for g in ["all"] + groups]
-                    + [f"{c['fit_s']:.2f}", f"{c['score_s']:.2f}", ratio])
+                    + [delta, f"{c['fit_s']:.2f}", f"{c['score_s']:.2f}", ratio])
     q = report["truth"]
     lds_table = (f"LDS: Spearman over {subsets} half subsets (f averaged over {seeds} seeds), mean ± std over queries\n\n"
                  + markdown(["method", f"all ({q['all']['queries']})"] + [f"{g} ({q[g]['queries']})" for g in groups]
-                            + ["fit s", "score s", "score / EK-FAC score"], rows))
+                            + ["all − EK-FAC (paired ± SE)", "fit s", "score s", "score / EK-FAC score"], rows))
     truth_rows = [[g, f"{d['subset_sd']:.2f}", f"{d['seed_sd']:.2f}", f"{d['seed_share']:.2f}", f"{d['seed_spearman']:.2f}",
                    f"{d['ceiling']:.2f}"] for g, d in q.items()]
     rt = report["retraining"]

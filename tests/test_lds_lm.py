@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lds.corpus import CorpusSpec, build_corpus  # noqa: E402
 from lds.methods import METHODS, Context, Method, run_method  # noqa: E402
 from lds.train import ModelSpec, measure, train_on  # noqa: E402
-from lds.truth import TIME_FILE, build_truth, summarize, truth_diagnostics  # noqa: E402
+from lds.truth import TIME_FILE, build_truth, paired, summarize, truth_diagnostics  # noqa: E402
 
 import lminfluence as li  # noqa: E402
 from lminfluence.demo.model import make_model  # noqa: E402
@@ -190,6 +190,8 @@ def test_convex_lm_oracle_has_high_lds_and_the_runner_matches_it(tmp_path):
     assert res["oracle"]["all"]["mean"] > 0.95 and min(res["oracle"]["per_query"]) > 0.9
     assert res["negated"]["all"]["mean"] == pytest.approx(-res["oracle"]["all"]["mean"])
     assert res["oracle"]["a"]["mean"] == pytest.approx(np.mean(res["oracle"]["per_query"][:2]))
+    vs = paired(res, "oracle", groups)
+    assert vs["negated"]["all"]["mean"] == pytest.approx(-2 * res["oracle"]["all"]["mean"]) and vs["negated"]["b"]["wins"] == 0
     diag = truth_diagnostics(truth, groups)
     assert diag["all"]["seed_sd"] == 0 and diag["all"]["seed_spearman"] == pytest.approx(1) and diag["b"]["ceiling"] == pytest.approx(1)
     assert diag["all"]["subset_sd"] > 0

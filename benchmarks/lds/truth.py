@@ -4,7 +4,8 @@
 truth saved after every retraining, so a killed run resumes) and records the
 time of each retraining. ``truth_diagnostics`` says how much of the
 measurements' variation across subsets is the retraining seed's;
-``summarize`` gives each method's LDS overall and per query group.
+``summarize`` gives each method's LDS overall and per query group, ``paired``
+its difference from a reference method query by query.
 """
 
 from __future__ import annotations
@@ -121,10 +122,29 @@ def summarize(scores: dict[str, torch.Tensor], truth: GroundTruth, groups: np.nd
     return out
 
 
+def paired(summary: dict[str, dict[str, Any]], reference: str, groups: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
+    """Each method's LDS minus the reference's, query by query: mean, standard error, share of queries won.
+
+    Queries differ far more from each other than methods do on one query, so a
+    paired difference tells two methods apart long before their means ± std do.
+    """
+    ref = np.asarray(summary[reference]["per_query"])
+    out = {}
+    for name, row in summary.items():
+        d = np.asarray(row["per_query"]) - ref
+        out[name] = {}
+        for g in ["all"] + sorted(set(groups.tolist())):
+            x = d if g == "all" else d[groups == g]
+            x = x[np.isfinite(x)]
+            se = float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
+            out[name][g] = {"mean": float(x.mean()) if x.size else float("nan"), "se": se, "wins": float((x > 0).mean()) if x.size else float("nan")}
+    return out
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
 
 
-__all__ = ["build_truth", "truth_diagnostics", "summarize", "TIME_FILE"]
+__all__ = ["build_truth", "truth_diagnostics", "summarize", "paired", "TIME_FILE"]
