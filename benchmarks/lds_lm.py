@@ -6,11 +6,11 @@
 2. Model: the demo's GPT-2, smaller, trained from scratch on all N sequences
    (benchmarks/lds/train.py): the model every method scores.
 3. Methods (benchmarks/lds/methods.py, one table): TF-IDF, the gradient dot
-   product, gradient cosine, EK-FAC, LiSSA; each scores every training
-   sequence for every query, timed. One absolute damping λ for every method
-   that preconditions: ``--damping-scale`` × the mean eigenvalue of the
-   Gauss–Newton Hessian (as the accuracy study), LiSSA run deep enough for
-   its series to converge at that λ.
+   product, gradient cosine, EK-FAC, LiSSA, and EK-FAC at the library's
+   relative damping; each scores every training sequence for every query,
+   timed. EK-FAC and LiSSA share one absolute damping λ: ``--damping-scale``
+   × the mean eigenvalue of the Gauss–Newton Hessian (as the accuracy
+   study), LiSSA run deep enough for its series to converge at that λ.
 4. Ground truth: M random half subsets × S seeds, each retrained by the same
    recipe, f = log p(completion | prompt) of every query measured
    (``lminfluence.evaluation.build_ground_truth``: saved after every
@@ -24,7 +24,7 @@ Everything is cached under --out (default runs/lds-lm, git-ignored).
 
 Usage::
 
-    nice -n 10 python benchmarks/lds_lm.py --json runs/lds-lm.json     # the benchmark (~40 min on 2 cores)
+    nice -n 10 python benchmarks/lds_lm.py --json runs/lds-lm.json     # the benchmark (50 min on 2 busy cores)
     python benchmarks/lds_lm.py --quick                                  # a smoke test in about a minute
     python benchmarks/lds_lm.py --methods tfidf ekfac                    # a subset of the method table
 """

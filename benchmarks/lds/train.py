@@ -9,8 +9,8 @@ The retraining seed sets the order of the training sequences. The initial
 weights are those of the scored model (``ModelSpec.init_seed``) unless
 ``vary_init`` is set, in which case the seed draws them too. Fixed
 initialisation asks the question influence functions answer, how this
-training run would have ended on other data, and halves the seed noise of the
-held-out measurements in a pilot (docs/accuracy.md).
+training run would have ended on other data, and cuts the seed noise of the
+held-out measurements (seed share of variance 0.30 against 0.46; docs/accuracy.md).
 """
 
 from __future__ import annotations
