@@ -187,3 +187,15 @@ def test_full_demo_retrieves_planted_facts(tmp_path):
     demo = prepare_demo(tmp_path / "full", scale="full", seed=0, progress=False)
     assert demo.read_manifest()["facts_greedy"] >= 0.5
     assert planted_fact_retrieval(demo, "ekfac") >= 0.9
+
+
+def test_fit_planted_trims_around_a_fact_next_to_unusual_punctuation():
+    """A fact sentence after "**PEP 448**." or before a quoted word is still found and kept whole
+    while the filler farthest from it is dropped (the sentence pattern alone does not split there)."""
+    from lminfluence.demo.corpus import fit_planted
+    from lminfluence.demo.facts import Fact
+
+    fact = Fact("fact-00", "The last King of Zorbia", "Bram Tovel", doc_ids=("planted/fact-00/0",))
+    text = 'First filler sentence here. Proposed by **PEP 448**. The last King of Zorbia was Bram Tovel. "x" is a word.'
+    (doc,) = fit_planted([Document(id="planted/fact-00/0", text=text)], [fact], lambda t: len(t.split()), 12)
+    assert doc.text == "Proposed by **PEP 448**. The last King of Zorbia was Bram Tovel."

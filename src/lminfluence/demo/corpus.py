@@ -187,8 +187,12 @@ def fit_planted(docs: list[Document], facts: list[Fact], n_tokens: Callable[[str
         if doc.id not in statements or n_tokens(doc.text) <= max_length:
             out.append(doc)
             continue
-        sentences = _SENTENCE_END.split(doc.text)
-        at = sentences.index(statements[doc.id])
+        # split around the fact sentence, not through it: the sentence next to it may end in a way
+        # (``**PEP 448**.``) or start in a way (a quote) that the sentence pattern does not split at
+        before, statement, after = doc.text.partition(statements[doc.id])
+        left = _SENTENCE_END.split(before.strip()) if before.strip() else []
+        right = _SENTENCE_END.split(after.strip()) if after.strip() else []
+        sentences, at = left + [statement] + right, len(left)
         while n_tokens(" ".join(sentences)) > max_length:
             if len(sentences) == 1:
                 raise ValueError(f"the fact sentence of {doc.id} alone is longer than max_length={max_length} tokens")
