@@ -106,7 +106,11 @@ def factor_config(method: Method, ctx: Context) -> li.FactorConfig:
 
 def score_config(method: Method, ctx: Context) -> li.ScoreConfig:
     base = {"damping": None} if "damping_scale" in method.score else {"damping": ctx.damping}
-    return li.ScoreConfig(**base, train_batch_size=ctx.batch_size, query_batch_size=len(ctx.queries), **method.score)
+    return li.ScoreConfig(**base, **method.score)
+
+
+def execution(ctx: Context) -> li.Execution:
+    return li.Execution(batch_size=ctx.batch_size, query_batch_size=len(ctx.queries))
 
 
 def run_method(method: Method, ctx: Context) -> dict[str, Any]:
@@ -121,16 +125,16 @@ def run_method(method: Method, ctx: Context) -> dict[str, Any]:
         raise ValueError(f"unknown method kind {method.kind!r}")
     model = ctx.model
     start = time.perf_counter()
-    factors = li.fit_factors(model, ctx.train, factor_config(method, ctx), batch_size=ctx.batch_size)
+    factors = li.fit_factors(model, ctx.train, factor_config(method, ctx), execution=execution(ctx))
     fitted = time.perf_counter()
     cfg = score_config(method, ctx)
-    result = li.compute_scores(model, factors, ctx.queries, ctx.train, cfg)
+    result = li.compute_scores(model, factors, ctx.queries, ctx.train, cfg, execution=execution(ctx))
     scores = result.total.double()
     if method.kind == "cosine":
         if factors.strategy != "identity":
             raise ValueError("the cosine method normalises the plain gradient dot product: give it strategy='identity'")
-        train_sq = li.compute_self_scores(model, factors, ctx.train, cfg).total.double()  # ‖∇L_z‖², [N]
-        query_sq = li.compute_self_scores(model, factors, ctx.queries, cfg).total.double()  # ‖∇f_q‖², [Q]
+        train_sq = li.compute_self_scores(model, factors, ctx.train, cfg, execution=execution(ctx)).total.double()  # ‖∇L_z‖², [N]
+        query_sq = li.compute_self_scores(model, factors, ctx.queries, cfg, execution=execution(ctx)).total.double()  # ‖∇f_q‖², [Q]
         scores = scores / (query_sq.sqrt()[:, None] * train_sq.sqrt()[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
     meta = {k: v for k, v in result.meta.items() if k in ("strategy", "lissa")}
     meta["damping"] = result.meta["damping"]  # per layer
