@@ -271,6 +271,21 @@ class Plan:
         return "\n".join(lines)
 
 
+def memory_budget(device: torch.device, execution: Execution, held: int | None = None) -> tuple[int, str]:
+    """The budget in bytes and where it comes from: ``memory_gib``, or what the device has plus what the process holds."""
+    if execution.memory_gib is not None:
+        return int(execution.memory_gib * GiB), "memory_gib"
+    held = process_bytes(device) if held is None else held
+    kind = "GPU memory" if device.type == "cuda" else "RAM"
+    return held + int(AVAILABLE_SHARE * available_bytes(device)), f"{AVAILABLE_SHARE:.0%} of available {kind} + this process's {held / GiB:.2f} GiB"
+
+
+def headroom(device: torch.device, execution: Execution) -> int:
+    """Bytes the budget leaves above what the process holds now."""
+    held = process_bytes(device)
+    return max(0, memory_budget(device, execution, held)[0] - held)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -330,6 +345,7 @@ def plan(
     example: Mapping[str, Any] | None = None,
     query_example: Mapping[str, Any] | None = None,
     stages: tuple[str, ...] = ("fit", "precondition", "score"),
+    preconditioned: bool = False,
 ) -> Plan:
     """Estimate every stage's memory and time, and pick the sizes ``execution`` leaves automatic.
 
@@ -344,6 +360,7 @@ def plan(
         factors: fitted Factors, when scoring them (their size and laziness are used).
         example, query_example: an example to probe with (default: synthetic token ids).
         stages: which stages to plan ("fit", "precondition", "score").
+        preconditioned: the queries' preconditioned gradients are already in memory (held now).
 
     Raises:
         ConfigError: ``execution.memory_gib`` was given and not even batches of
@@ -361,11 +378,7 @@ def plan(
     cfg = factors.config if factors is not None else factor_config
 
     held = process_bytes(device)
-    if execution.memory_gib is not None:
-        budget, source = int(execution.memory_gib * GiB), "memory_gib"
-    else:
-        budget = held + int(AVAILABLE_SHARE * available_bytes(device))
-        source = f"{AVAILABLE_SHARE:.0%} of available {'GPU memory' if device.type == 'cuda' else 'RAM'}, plus this process's {held / GiB:.2f} GiB"
+    budget, source = memory_budget(device, execution, held)
 
     if example is None and not isinstance(task, CausalLMTask):
         raise ConfigError("plan: give an example to probe a custom task with")
@@ -378,7 +391,7 @@ def plan(
     store = compute if cfg.factor_dtype == "auto" else (8 if cfg.factor_dtype == "float64" else 4)
     blocks = cfg.blocks
     act = train_probe.bytes_per_sequence
-    q_len = len(query_example["input_ids"]) if query_example is not None else query_len
+    q_len = _length(query_example) if query_example is not None else query_len
     act_q = int(act * q_len / max(seq_len, 1)) if query_example is None else probe(model, task, modules, query_example, "measurement", autocast=autocast).bytes_per_sequence
 
     cov_a = sum(_squares(infos[n].in_dim, blocks) for n in owners)
@@ -453,7 +466,7 @@ def plan(
         return Stage("fit", worst, seconds)
 
     rank = score_config.query_rank
-    p_per_query = compute * sum(_p_elements(i, rank) for i in infos.values())
+    p_per_query = 0 if preconditioned else compute * sum(_p_elements(i, rank) for i in infos.values())
 
     def precondition_stage(qbatch: int, group: int) -> Stage:
         work = compute * qbatch * max_oi * (3 if rank is None else 2)
@@ -490,7 +503,7 @@ def plan(
     fixed_batch = execution.batch_size
     candidates = [fixed_batch] if fixed_batch else list(range(cap, 0, -1))
     qcands = [execution.query_batch_size] if execution.query_batch_size else list(range(min(max(num_queries, 1), MAX_QUERY_BATCH), 0, -1))
-    group = num_queries or 1
+    group = num_queries
     while group > 1 and "score" in stages and score_stage(1, group).peak > budget:
         group = max(1, group // 2)
     if num_queries and group < num_queries:
@@ -498,7 +511,7 @@ def plan(
             f"the preconditioned gradients of all {num_queries} queries do not fit: they are scored in groups of {group} "
             f"(one pass over the data per group); a query rank (e.g. 32) keeps them small"
         )
-    qbatch = next((q for q in qcands if "precondition" not in stages or precondition_stage(q, group).peak <= budget), qcands[-1])
+    qbatch = next((q for q in qcands if "precondition" not in stages or precondition_stage(q, max(group, 1)).peak <= budget), qcands[-1])
 
     def all_fit(batch: int, cache: int) -> bool:
         ok = "fit" not in stages or fit_stage(batch, cache).peak <= budget
@@ -517,7 +530,7 @@ def plan(
         planned["fit"] = fit_stage(batch, cache)
     if "precondition" in stages and num_queries:
         planned["precondition"] = precondition_stage(qbatch, group)
-    if "score" in stages and num_queries:
+    if "score" in stages:
         planned["score"] = score_stage(batch, group)
     result = Plan(str(device), budget, source, batch, qbatch, cache, group, planned, sizes, notes)
     if not result.fits:
@@ -551,19 +564,22 @@ def plan_for_data(
     task: Any = None,
     factors: Any = None,
     stages: tuple[str, ...] = ("fit",),
+    preconditioned: bool = False,
 ) -> Plan:
     """``plan`` with the sizes read from the data (one pass over it, no model); probes with its longest examples."""
     from .task.causal_lm import CausalLMTask
 
     n, longest = _lengths(train)
-    example = None
-    if task is not None and not isinstance(task, CausalLMTask):
-        example = max(train, key=_length)
     nq, qlen = _lengths(queries) if queries is not None else (0, 0)
+    example = query_example = None
+    if task is not None and not isinstance(task, CausalLMTask):  # a custom task: probe with its own examples
+        example = max(train, key=_length) if n else max(queries or [], key=_length)
+        query_example = max(queries, key=_length) if nq else None  # type: ignore[arg-type]
     return plan(
-        model, factor_config, execution, num_sequences=max(n, 1), seq_len=max(longest, 2), num_queries=nq,
-        query_len=max(qlen, 2), score_config=score_config, task=task, factors=factors, example=example, stages=stages,
+        model, factor_config, execution, num_sequences=max(n, 1), seq_len=max(longest, qlen, 2), num_queries=nq,
+        query_len=max(qlen, 2), score_config=score_config, task=task, factors=factors, example=example,
+        query_example=query_example, stages=stages, preconditioned=preconditioned,
     )
 
 
-__all__ = ["plan", "plan_for_data", "Plan", "Stage", "Probe", "probe", "TensorMemoryTracker", "process_bytes", "available_bytes", "half_autocast", "synthetic_example", "TOKENS_PER_BATCH"]
+__all__ = ["plan", "plan_for_data", "memory_budget", "headroom", "Plan", "Stage", "Probe", "probe", "TensorMemoryTracker", "process_bytes", "available_bytes", "half_autocast", "synthetic_example", "TOKENS_PER_BATCH"]
