@@ -78,8 +78,10 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place result shares an input's storage: nothing new was allocated
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs:
                 self._add(t)
         return out
 
@@ -180,6 +182,16 @@ def probe(model: nn.Module, task: Any, modules: dict[str, nn.Module], example: M
         once()
         seconds = time.perf_counter() - start
     return Probe(peak, seconds, _length(example), shared)
+
+
+_MEASURED: dict[tuple[str, str], float] = {}  # device speeds, measured once per process
+
+
+def _once(what: str, device: torch.device, measure) -> float:
+    key = (what, str(device))
+    if key not in _MEASURED:
+        _MEASURED[key] = measure(device)
+    return _MEASURED[key]
 
 
 def _matmul_rate(device: torch.device) -> float:
@@ -422,8 +434,8 @@ def plan(
     else:  # already in memory: part of what the process holds now
         factors_held, factors_transient = 0, 0
 
-    rate = _matmul_rate(device)
-    eigh256 = _eigh_seconds(device) if eigen else 0.0
+    rate = _once("matmul", device, _matmul_rate)
+    eigh256 = _once("eigh", device, _eigh_seconds) if eigen else 0.0
     tokens = num_sequences * seq_len
     eigh_s = eigh256 * sum(
         ((s.stop - s.start) / 256) ** 3

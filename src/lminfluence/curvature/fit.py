@@ -15,7 +15,7 @@ from torch import nn
 from ..config import Execution, FactorConfig
 from ..fingerprint import model_fingerprint
 from ..hooks.modules import layer_info, resolve_modules
-from ..passes import BatchCapture, as_reiterable, num_examples, run_pass, tracking
+from ..passes import BatchCapture, as_reiterable, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
 from .checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
 from .factors import Factors
@@ -110,7 +110,7 @@ def fit_factors(
             checkpoints its progress there (``Execution.checkpoint_seconds``):
             run again after a crash, it resumes and ends with the same factors.
     """
-    from ..memory import half_autocast, plan_for_data
+    from ..memory import half_autocast, headroom, plan_for_data
     from ..task.causal_lm import CausalLMTask
 
     if not isinstance(config, FactorConfig):
@@ -133,11 +133,13 @@ def fit_factors(
         progress = Progress()
     batch_size = execution.batch_size or progress.batch_size
     cache_gib = execution.cache_gib
-    if not batch_size or (cache_gib is None and len(curvature.passes) > 1):
+    if not batch_size:
         sizes = plan_for_data(model, config, execution, train, task=task, stages=("fit",))
-        batch_size = batch_size or sizes.batch_size
+        batch_size = sizes.batch_size
         cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
         logger.info("fit plan:\n%s", sizes.report())
+    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
+        cache_gib = headroom(model_device(model), execution) / 2 / 2**30
     progress.batch_size = batch_size
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
