@@ -447,6 +447,7 @@ def plan(
     )
 
     cap = max(1, min(num_sequences, TOKENS_PER_BATCH.get(device.type, 4096) // max(seq_len, 1)))
+    eigh_width = torch.get_num_threads() if device.type == "cpu" else 1  # eigendecompositions run side by side
 
     def fit_stage(batch: int, cache: int) -> Stage:
         pass1 = {
@@ -459,7 +460,7 @@ def plan(
         finalize = {
             "held now (model, runtime, loaded data)": held,
             "float64 sums of A and S": sizes["sums"],
-            "eigendecomposition workspace": 48 * max_dim**2,
+            "eigendecomposition workspace": eigh_width * 56 * max_dim**2,
             "EK-FAC capture cache": cache,
         }
         pass2 = {

@@ -253,9 +253,25 @@ class EigenbasisCurvature(Curvature):
         return self._means[name]
 
     def _accumulate_squares(self, captures: dict[str, LayerCapture]) -> None:
+        # ā Q_A of the layers that share ā (gate and up), computed once and dropped after its last user
+        users: dict[str, int] = {}
+        for name in captures:
+            if name in self.shared_a or name in self.shared_a.values():
+                users[self.a_owner(name)] = users.get(self.a_owner(name), 0) + 1
+        rotated: dict[str, torch.Tensor] = {}
         for name, cap in captures.items():
             st = self.state[name]
-            sq = cm.eigenbasis_squares(cap.a, cap.ds, *self.bases(name, cap.a))
+            q_a, q_s = self.bases(name, cap.a)
+            a_rotated = None
+            owner = self.a_owner(name)
+            if owner in users and cm.rotates_tokens(cap.a.shape[1], cap.a.shape[2], cap.ds.shape[2], q_a, q_s):
+                a_rotated = rotated.get(owner)
+                if a_rotated is None:
+                    a_rotated = rotated[owner] = cm.right(cap.a, q_a)  # type: ignore[arg-type]
+                users[owner] -= 1
+                if users[owner] == 0:
+                    del rotated[owner]
+            sq = cm.eigenbasis_squares(cap.a, cap.ds, q_a, q_s, a_rotated)
             if "lambda_sum" in st:
                 st["lambda_sum"].add_(sq)
             else:

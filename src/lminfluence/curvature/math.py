@@ -109,23 +109,15 @@ def sequence_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     return torch.bmm(ds.transpose(1, 2), a)  # [B, O, T] @ [B, T, I]
 
 
-def token_covariance(x: torch.Tensor, tiles: int = 4) -> torch.Tensor:
-    """Σ over all positions of x_t x_tᵀ (products in x's dtype, result float64), [D, D], upper tile triangle only.
+def token_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Σ over all positions of x_t x_tᵀ, [D, D], one matrix product in x's dtype.
 
-    For D ≥ 512 the matrix is cut into ``tiles`` × ``tiles`` tiles and only the
-    tiles on and above the diagonal are computed (10 of 16 GEMM tiles for 4
-    tiles); the rest is left zero. ``symmetrize`` restores the full matrix
-    from a sum of such results.
+    Callers add it into a float64 running sum. (Computing only the upper
+    triangle, in tiles, does half the products but ran slower than one
+    product on CPUs: the tiles' copies and the sum's extra pass cost more.)
     """
     flat = x.reshape(-1, x.shape[-1])  # [B·T, D]
-    D = flat.shape[1]
-    if D < 512:
-        return (flat.T @ flat).double()
-    out = torch.zeros(D, D, dtype=torch.float64, device=x.device)
-    step = -(-D // tiles)
-    for i in range(0, D, step):
-        out[i : i + step, i:] = flat[:, i : i + step].T @ flat[:, i:]
-    return out
+    return flat.T @ flat
 
 
 def block_covariances(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, ...]:
@@ -137,7 +129,7 @@ def block_covariances(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, ...]:
 
 
 def symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s (exact symmetry for eigh)."""
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
@@ -147,46 +139,70 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.clamp_min(0.0), evecs.contiguous()  # row-major, as it will be after a save and load
 
 
-def eigh_blocks(sums: tuple[torch.Tensor, ...], count: int, dtype: torch.dtype) -> tuple[torch.Tensor, Basis]:
-    """Eigenvalues [D] and eigenbasis (blocks) of the mean covariance Σ/count, decomposed in float64, stored in ``dtype``.
+def eigh_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``eigh64`` of each matrix. On the CPU, each eigendecomposition runs on one thread and as many
+    run at once as torch has threads: LAPACK's eigensolvers scale poorly across threads, and on a
+    busy machine two-thread ones ran four times slower than one-thread ones (results are the same)."""
+    if len(matrices) <= 1 or matrices[0].device.type != "cpu" or torch.get_num_threads() == 1:
+        return [eigh64(m) for m in matrices]
+    from concurrent.futures import ThreadPoolExecutor
 
-    The input sums (upper tile triangles, see ``token_covariance``) are consumed:
-    each is released once decomposed, so the peak holds one float64 workspace.
-    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(eigh64, matrices))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def eigh_blocks(sums: tuple[torch.Tensor, ...], count: int, dtype: torch.dtype) -> tuple[torch.Tensor, Basis]:
+    """Eigenvalues [D] and eigenbasis (blocks) of the mean covariance Σ/count, decomposed in float64, stored in ``dtype``."""
     evals, bases = [], []
-    for s in sums:
-        e, q = eigh64(symmetrize(s) / count)
+    for e, q in eigh_many([symmetrize(s) / count for s in sums]):
         evals.append(e.to(dtype))
         bases.append(q.to(dtype))
-        del e, q
     return torch.cat(evals), bases[0] if len(bases) == 1 else tuple(bases)
 
 
-def rotated_gradients(a: torch.Tensor, ds: torch.Tensor, q_a: Basis | None, q_s: Basis | None) -> torch.Tensor:
+def rotates_tokens(T: int, I: int, O: int, q_a: Basis | None, q_s: Basis | None) -> bool:
+    """Whether rotating each token, (ds Q_S)ᵀ(ā Q_A), costs fewer products than rotating each
+    sequence's gradient, Q_Sᵀ (dsᵀā) Q_A."""
+    if q_a is None:
+        return False
+    ca, cs = basis_cost(q_a, I), basis_cost(q_s, O)
+    return T * (ca + cs) <= O * ca + I * cs
+
+
+def rotated_gradients(
+    a: torch.Tensor, ds: torch.Tensor, q_a: Basis | None, q_s: Basis | None, a_rotated: torch.Tensor | None = None
+) -> torch.Tensor:
     """Q_Sᵀ DW_b Q_A for every sequence, [B, O, I] (DW_b itself when the bases are None).
 
     The rotation is applied to the tokens, (ds Q_S)ᵀ(ā Q_A), or to each sequence's
-    gradient, Q_Sᵀ (dsᵀā) Q_A, whichever costs fewer products; no Kronecker
-    product is formed.
+    gradient, Q_Sᵀ (dsᵀā) Q_A, whichever costs fewer products (``rotates_tokens``);
+    no Kronecker product is formed. ``a_rotated``: ā Q_A when already computed.
     """
     if q_a is None:
         return sequence_gradients(a, ds)
-    T, I, O = a.shape[1], a.shape[2], ds.shape[2]
-    ca, cs = basis_cost(q_a, I), basis_cost(q_s, O)
-    if T * (ca + cs) <= O * ca + I * cs:
-        return sequence_gradients(right(a, q_a), right(ds, q_s))
+    if rotates_tokens(a.shape[1], a.shape[2], ds.shape[2], q_a, q_s):
+        return sequence_gradients(right(a, q_a) if a_rotated is None else a_rotated, right(ds, q_s))
     return right(left_t(q_s, sequence_gradients(a, ds)), q_a)
 
 
-def eigenbasis_squares(a: torch.Tensor, ds: torch.Tensor, q_a: Basis | None, q_s: Basis | None) -> torch.Tensor:
+def eigenbasis_squares(
+    a: torch.Tensor, ds: torch.Tensor, q_a: Basis | None, q_s: Basis | None, a_rotated: torch.Tensor | None = None
+) -> torch.Tensor:
     """Σ_b (Q_Sᵀ DW_b Q_A)² over the batch (computed in a's dtype, summed in float64), [O, I] (Eq 20).
 
     ``q_a``/``q_s`` None means the parameter basis (the diagonal Fisher).
+    ``a_rotated``: ā Q_A, when the caller shares it between layers that read the same ā.
     """
     B, I, O = a.shape[0], a.shape[2], ds.shape[2]
     out = torch.zeros(O, I, dtype=torch.float64, device=a.device)
     for sl in batch_chunks(B, O * I):
-        out.add_(rotated_gradients(a[sl], ds[sl], q_a, q_s).square_().sum(0))
+        ar = None if a_rotated is None else a_rotated[sl]
+        out.add_(rotated_gradients(a[sl], ds[sl], q_a, q_s, ar).square_().sum(0))
     return out
 
 
@@ -292,7 +308,9 @@ __all__ = [
     "block_covariances",
     "symmetrize",
     "eigh64",
+    "eigh_many",
     "eigh_blocks",
+    "rotates_tokens",
     "rotated_gradients",
     "eigenbasis_squares",
     "precondition",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from ..errors import TrackingError
@@ -26,11 +28,12 @@ class Diagonal(EigenbasisCurvature):
 
 
 def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
+    """Add a batch's covariance blocks into the layer's float64 running sums."""
     if key in state:
         for total, b in zip(state[key], blocks):
             total.add_(b)
     else:
-        state[key] = blocks
+        state[key] = tuple(b.to(torch.float64) for b in blocks)
 
 
 class KFAC(EigenbasisCurvature):
@@ -73,10 +76,29 @@ class KFAC(EigenbasisCurvature):
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         mean_tokens = num_tokens / num_sequences
-        for st in self.state.values():
-            if "a_sum" in st:
-                st["e_a"], st["q_a"] = cm.eigh_blocks(st.pop("a_sum"), num_tokens, self.dtype)
-            st["e_s"], st["q_s"] = cm.eigh_blocks(st.pop("s_sum"), num_tokens, self.dtype)
+        # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
+        # side); each float64 sum is released once decomposed, so the peak holds the sums plus a few workspaces
+        pending = deque(
+            (name, side, block)
+            for name, st in self.state.items()
+            for side in ("a", "s")
+            if f"{side}_sum" in st
+            for block in st.pop(f"{side}_sum")
+        )
+        done: dict[tuple[str, str], list] = {}
+        width = torch.get_num_threads() if pending and pending[0][2].device.type == "cpu" else 1
+        while pending:
+            chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
+            means = [cm.symmetrize(block) / num_tokens for _, _, block in chunk]
+            keys = [(name, side) for name, side, _ in chunk]
+            del chunk
+            for key, (e, q) in zip(keys, cm.eigh_many(means)):
+                done.setdefault(key, []).append((e.to(self.dtype), q.to(self.dtype)))
+            del means
+        for (name, side), parts in done.items():
+            st = self.state[name]
+            st[f"e_{side}"] = torch.cat([e for e, _ in parts])
+            st[f"q_{side}"] = parts[0][1] if len(parts) == 1 else tuple(q for _, q in parts)
         for layer, owner in self.shared_a.items():
             self.state[layer]["e_a"], self.state[layer]["q_a"] = self.state[owner]["e_a"], self.state[owner]["q_a"]
         if self.kronecker_eigenvalues:
