@@ -460,7 +460,9 @@ def plan(
         finalize = {
             "held now (model, runtime, loaded data)": held,
             "float64 sums of A and S": sizes["sums"],
-            "eigendecomposition workspace": eigh_width * 56 * max_dim**2,
+            # side-by-side decompositions: each a mean and its eigenvectors (float64), the symmetrizing
+            # temporaries of one, and LAPACK's own workspace (2·D² doubles) per decomposition
+            "eigendecomposition workspace": (2 * eigh_width + 3) * 8 * max_dim**2 + eigh_width * 16 * max_dim**2,
             "EK-FAC capture cache": cache,
         }
         pass2 = {
