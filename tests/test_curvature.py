@@ -224,15 +224,18 @@ def test_wbar_grad_helper_matches_conv1d_layout():
 
 
 def test_covariance_sums_symmetrize_to_the_full_gram():
-    """token_covariance summed over batches (as the fit sums it, in float64) and symmetrized equals
-    Σ x xᵀ; eigh_many (side-by-side one-thread decompositions) equals eigh64 one by one."""
+    """token_covariance summed over batches as the fit sums it (packed upper triangles, float64)
+    and unpacked equals Σ x xᵀ, exactly symmetric; eigh_many (side-by-side one-thread
+    decompositions) equals eigh64 one by one."""
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(2, 7, 530, generator=g, dtype=torch.float64)
     x2 = torch.randn(3, 5, 530, generator=g, dtype=torch.float64)
-    total = cm.token_covariance(x1) + cm.token_covariance(x2)
+    packed = cm.pack_upper(cm.token_covariance(x1)) + cm.pack_upper(cm.token_covariance(x2))
+    assert packed.numel() == 530 * 531 // 2
+    full = cm.unpack_symmetric(packed)
     want = sum(x.reshape(-1, 530).T @ x.reshape(-1, 530) for x in (x1, x2))
-    torch.testing.assert_close(cm.symmetrize(total), want)
-    assert torch.equal(cm.symmetrize(total), cm.symmetrize(total).T)
+    torch.testing.assert_close(full, want)
+    assert torch.equal(full, full.T)
     mats = [m @ m.T for m in torch.randn(3, 40, 40, generator=g, dtype=torch.float64)]
     for (e, q), m in zip(cm.eigh_many(mats), mats):
         e1, q1 = cm.eigh64(m)

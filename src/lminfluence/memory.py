@@ -313,6 +313,11 @@ def _squares(dim: int, blocks: int) -> int:
     return sum((s.stop - s.start) ** 2 for s in block_slices(dim, blocks))
 
 
+def _triangles(dim: int, blocks: int) -> int:
+    """Elements of the packed upper triangles of a (block-diagonal) dim × dim sum: Σ d_b(d_b + 1)/2."""
+    return sum((s.stop - s.start) * (s.stop - s.start + 1) // 2 for s in block_slices(dim, blocks))
+
+
 def _p_elements(info: LayerInfo, rank: int | None) -> int:
     """Elements of one query's preconditioned gradient for a layer: dense O·I, or rank-R factors."""
     O, I = info.out_dim, info.in_dim
@@ -416,8 +421,9 @@ def plan(
     vectors = sum(infos[n].in_dim for n in owners) + sum(i.out_dim for i in infos.values())
     eigen = strategy in ("kfac", "ekfac")
     two_pass = strategy == "ekfac"
+    packed = sum(_triangles(infos[n].in_dim, blocks) for n in owners) + sum(_triangles(i.out_dim, blocks) for i in infos.values())
     sizes = {
-        "sums": 8 * (cov_a + cov_s) if eigen else 0,
+        "sums": 8 * packed if eigen else 0,
         "bases": store * (cov_a + cov_s + vectors) if eigen else 0,
         "lambda": store * oi if strategy != "identity" else 0,
         "lambda_sums": 8 * oi if strategy in ("ekfac", "diagonal", "lissa") else 0,
@@ -454,13 +460,13 @@ def plan(
             "held now (model, runtime, loaded data)": held,
             f"activations and captures of a batch of {batch}": batch * act,
             "float64 sums of A and S": sizes["sums"] if eigen else sizes["lambda_sums"],
-            "covariance workspace": 12 * max_dim**2 if eigen else 0,
+            "covariance workspace": compute * max_dim**2 * 3 // 2 if eigen else 0,  # a product and its packed triangle
             "EK-FAC capture cache": cache,
         }
         finalize = {
             "held now (model, runtime, loaded data)": held,
             "float64 sums of A and S": sizes["sums"],
-            # side-by-side decompositions: each a mean and its eigenvectors (float64), the symmetrizing
+            # side-by-side decompositions: each a mean and its eigenvectors (float64), the unpacking
             # temporaries of one, and LAPACK's own workspace (2·D² doubles) per decomposition
             "eigendecomposition workspace": (2 * eigh_width + 3) * 8 * max_dim**2 + eigh_width * 16 * max_dim**2,
             "EK-FAC capture cache": cache,

@@ -13,6 +13,7 @@ multiply by such a basis without ever forming the block-diagonal matrix.
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -133,6 +134,32 @@ def symmetrize(upper: torch.Tensor) -> torch.Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
+_UPPER: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _upper_index(dim: int, device: torch.device) -> torch.Tensor:
+    """Row-major flat positions of the upper triangle (diagonal included) of a dim × dim matrix."""
+    key = (dim, str(device))
+    if key not in _UPPER:
+        rows, cols = torch.triu_indices(dim, dim, device=device)
+        _UPPER[key] = rows * dim + cols
+    return _UPPER[key]
+
+
+def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a symmetric [D, D] matrix, row by row, [D(D+1)/2]:
+    the running sums of A and S are kept packed, half the memory of the full matrices."""
+    return matrix.reshape(-1).index_select(0, _upper_index(matrix.shape[0], matrix.device))
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric [D, D] matrix of a ``pack_upper`` triangle."""
+    dim = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
+    full = torch.zeros(dim * dim, dtype=packed.dtype, device=packed.device)
+    full[_upper_index(dim, packed.device)] = packed
+    return symmetrize(full.view(dim, dim))
+
+
 def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition in float64 of a symmetric PSD matrix; round-off negatives set to 0."""
     evals, evecs = torch.linalg.eigh(matrix.double())
@@ -157,9 +184,9 @@ def eigh_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
 
 
 def eigh_blocks(sums: tuple[torch.Tensor, ...], count: int, dtype: torch.dtype) -> tuple[torch.Tensor, Basis]:
-    """Eigenvalues [D] and eigenbasis (blocks) of the mean covariance Σ/count, decomposed in float64, stored in ``dtype``."""
+    """Eigenvalues [D] and eigenbasis (blocks) of the mean covariance Σ/count (packed sums), decomposed in float64, stored in ``dtype``."""
     evals, bases = [], []
-    for e, q in eigh_many([symmetrize(s) / count for s in sums]):
+    for e, q in eigh_many([unpack_symmetric(s) / count for s in sums]):
         evals.append(e.to(dtype))
         bases.append(q.to(dtype))
     return torch.cat(evals), bases[0] if len(bases) == 1 else tuple(bases)
@@ -307,6 +334,8 @@ __all__ = [
     "token_covariance",
     "block_covariances",
     "symmetrize",
+    "pack_upper",
+    "unpack_symmetric",
     "eigh64",
     "eigh_many",
     "eigh_blocks",

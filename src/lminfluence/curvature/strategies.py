@@ -28,7 +28,7 @@ class Diagonal(EigenbasisCurvature):
 
 
 def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
-    """Add a batch's covariance blocks into the layer's float64 running sums."""
+    """Add a batch's covariance blocks (packed upper triangles) into the layer's float64 running sums."""
     if key in state:
         for total, b in zip(state[key], blocks):
             total.add_(b)
@@ -69,8 +69,8 @@ class KFAC(EigenbasisCurvature):
         for name, cap in captures.items():
             st = self.state[name]
             if owners[name] == name:  # a shared A is counted once, by its owner
-                _add(st, "a_sum", cm.block_covariances(cap.a, blocks))
-            _add(st, "s_sum", cm.block_covariances(cap.ds, blocks))
+                _add(st, "a_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.a, blocks)))
+            _add(st, "s_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.ds, blocks)))
         if self.dtype is None:
             self.dtype = self.storage_dtype(next(iter(captures.values())).a.dtype)
 
@@ -89,7 +89,7 @@ class KFAC(EigenbasisCurvature):
         width = torch.get_num_threads() if pending and pending[0][2].device.type == "cpu" else 1
         while pending:
             chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
-            means = [cm.symmetrize(block) / num_tokens for _, _, block in chunk]
+            means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
             keys = [(name, side) for name, side, _ in chunk]
             del chunk
             for key, (e, q) in zip(keys, cm.eigh_many(means)):
