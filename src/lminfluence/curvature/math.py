@@ -13,7 +13,9 @@ multiply by such a basis without ever forming the block-diagonal matrix.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Union
 
 import torch
@@ -28,6 +30,41 @@ Basis = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 OVERSAMPLE = 16
 POWER_ITERATIONS = 2
 SKETCH_SEED = 0x5EED
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run LAPACK factorisations (eigh, QR) on one CPU thread.
+
+    They issue thousands of small parallel regions; with OpenMP's passive wait
+    policy (which the project sets so that idle threads do not spin on shared
+    machines) each region pays a wake-up, and on a busy 2-core machine two
+    threads ran eigh and QR 3-4 times slower than one. Matrix products keep
+    every thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _qr(y: torch.Tensor) -> torch.Tensor:
+    if y.device.type != "cpu":
+        return torch.linalg.qr(y).Q
+    with one_thread():
+        return torch.linalg.qr(y).Q
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if m.device.type != "cpu":
+        return torch.linalg.eigh(m)
+    with one_thread():
+        return torch.linalg.eigh(m)
 
 
 def batch_chunks(batch: int, per_item: int, budget: int = CHUNK_ELEMENTS) -> list[slice]:
@@ -162,7 +199,7 @@ def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
 
 def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition in float64 of a symmetric PSD matrix; round-off negatives set to 0."""
-    evals, evecs = torch.linalg.eigh(matrix.double())
+    evals, evecs = torch.linalg.eigh(matrix.double())  # callers choose the threads (eigh_many)
     return evals.clamp_min(0.0), evecs.contiguous()  # row-major, as it will be after a save and load
 
 
@@ -170,17 +207,16 @@ def eigh_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
     """``eigh64`` of each matrix. On the CPU, each eigendecomposition runs on one thread and as many
     run at once as torch has threads: LAPACK's eigensolvers scale poorly across threads, and on a
     busy machine two-thread ones ran four times slower than one-thread ones (results are the same)."""
-    if len(matrices) <= 1 or matrices[0].device.type != "cpu" or torch.get_num_threads() == 1:
+    if not matrices or matrices[0].device.type != "cpu":
         return [eigh64(m) for m in matrices]
     from concurrent.futures import ThreadPoolExecutor
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
+        if len(matrices) == 1 or threads == 1:
+            return [eigh64(m) for m in matrices]
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(eigh64, matrices))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def eigh_blocks(sums: tuple[torch.Tensor, ...], count: int, dtype: torch.dtype) -> tuple[torch.Tensor, Basis]:
@@ -270,7 +306,7 @@ def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
     """
     tall = p.shape[-2] >= p.shape[-1]
     m = p if tall else p.transpose(-1, -2)  # [Q, big, small]
-    evals, evecs = torch.linalg.eigh(m.transpose(-1, -2) @ m)  # ascending
+    evals, evecs = _eigh(m.transpose(-1, -2) @ m)  # ascending
     big, sigma, small = _top_pairs(m, evecs, evals, rank)
     u, v = (big, small) if tall else (small, big)
     return u.contiguous(), sigma.contiguous(), v.contiguous()
@@ -297,12 +333,12 @@ def low_rank_sketched(
     omega = torch.randn(m.shape[-1], k, generator=g, dtype=torch.float64).to(device=m.device, dtype=m.dtype)
     y = m @ omega  # [Q, big, k]
     for _ in range(power_iterations):
-        y = torch.linalg.qr(y).Q
-        z = torch.linalg.qr(m.transpose(-1, -2) @ y).Q  # [Q, small, k]
+        y = _qr(y)
+        z = _qr(m.transpose(-1, -2) @ y)  # [Q, small, k]
         y = m @ z
-    basis = torch.linalg.qr(y).Q  # [Q, big, k]
+    basis = _qr(y)  # [Q, big, k]
     b = basis.transpose(-1, -2) @ m  # [Q, k, small]
-    evals, evecs = torch.linalg.eigh(b @ b.transpose(-1, -2))  # [Q, k, k], ascending
+    evals, evecs = _eigh(b @ b.transpose(-1, -2))  # [Q, k, k], ascending
     # b = W Σ Vᵀ: the right factors are bᵀ w / σ, the left ones basis · w
     small, sigma, w = _top_pairs(b.transpose(-1, -2), evecs, evals, rank)  # small [Q, small, R], w [Q, k, R]
     big = basis @ w  # [Q, big, R]

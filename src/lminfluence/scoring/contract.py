@@ -78,6 +78,11 @@ class LayerQueries:
         return (self.dense if self.dense is not None else self.u).shape[0]  # type: ignore[union-attr]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held: the dense form and/or the factors."""
+        return sum(t.numel() * t.element_size() for t in (self.dense, self.u, self.s, self.v) if t is not None)
+
+    @property
     def expanded_bytes(self) -> int:
         """Bytes of the dense [Q, O, I] these queries expand to."""
         if self.dense is not None:

@@ -218,13 +218,16 @@ def score_preconditioned(
     pq = preconditioned
     train = as_reiterable(train, "train")
     execution, plan = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
-    # rank-R layers that materialise keep their dense form while it fits in what the budget leaves
+    # A rank-R layer chosen to materialise is expanded to its dense [Q, O, I] per batch; the dense
+    # form is kept across batches only where it is at most twice the factors' size and fits in what
+    # the budget leaves (otherwise it would cost the memory the rank was chosen to save).
     spare = max(0, plan.budget - plan.stages["score"].peak) if plan is not None else headroom(model_device(model), execution) // 2
     keep: dict[str, bool] = {}
     for name in modules:
         lq = pq[name]
-        keep[name] = not lq.is_low_rank or lq.dense is not None or lq.expanded_bytes <= spare
-        if lq.is_low_rank and lq.dense is None and keep[name]:
+        small = lq.dense is not None or not lq.is_low_rank or lq.expanded_bytes <= 2 * lq.nbytes
+        keep[name] = small and (not lq.is_low_rank or lq.dense is not None or lq.expanded_bytes <= spare)
+        if keep[name] and lq.is_low_rank and lq.dense is None:
             spare -= lq.expanded_bytes
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
