@@ -466,7 +466,12 @@ def two_stage_scores(
         raise ConfigError("no queries to score")
     if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
         train = list(train)
-    run = _Run(model, factors, queries, train, config, stages, task or CausalLMTask(), execution, store or MemoryStore(), chunk_size)
+    task = task or CausalLMTask()
+    if execution.batch_size is None or execution.query_batch_size is None:  # sizes left automatic: from the memory plan
+        from .pairwise import _sizes
+
+        execution, _ = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
+    run = _Run(model, factors, queries, train, config, stages, task, execution, store or MemoryStore(), chunk_size)
     union, tfidf, mask = select_candidates(index, train, queries, stages.candidates)
     first = run.scan(union, mask)
     if stages.rescore_top:
