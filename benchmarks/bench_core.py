@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = lminfluence.memory.plan(
         model, fit_config, execution, num_sequences=num_train, seq_len=SEQ_LEN, num_queries=len(queries), query_len=SEQ_LEN
     )
-    print(f"library defaults: batch size {plan.batch_size}, query batch size {plan.query_batch_size}, "
+    print(f"library defaults: fit batch size {plan.fit_batch_size}, scoring batch size {plan.score_batch_size}, "
+          f"query batch size {plan.query_batch_size}, "
           f"capture cache {'on' if plan.cache_bytes else 'off'}")
 
     # Warm-up (not timed): one baseline batch, and a one-batch fit + score to load every code path
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank_no_slower_than_full": rank_ok,
             "precondition_s": precondition_s,
             "baseline_by_batch_s": by_batch,
-            "library_batch_size": plan.batch_size,
+            "library_batch_size": {"fit": plan.fit_batch_size, "score": plan.score_batch_size},
             "library_query_batch_size": plan.query_batch_size,
             "peak_rss_mib": rss,
             "spearman_full_vs_rank": rho_all,

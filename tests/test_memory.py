@@ -63,20 +63,22 @@ def test_automatic_sizes_fit_the_budget_and_explicit_ones_are_kept(monkeypatch):
     here: its resident size moves by tens of MiB between plans, as much as a batch of this model.)"""
     monkeypatch.setattr(memory, "process_bytes", lambda device: 400 * 2**20)
     model = tiny_llama(dtype=torch.float32, **SIZES[1])
-    kw = dict(num_sequences=64, seq_len=512, num_queries=8, query_len=16)
+    kw = dict(num_sequences=64, seq_len=128, num_queries=8, query_len=16)
     roomy = memory.plan(model, li.FactorConfig(), li.Execution(cache_gib=0), **kw)
-    assert roomy.batch_size == memory.TOKENS_PER_BATCH["cpu"] // 512  # capped by tokens, not memory
+    assert roomy.fit_batch_size == roomy.score_batch_size == memory.TOKENS_PER_BATCH["cpu"] // 128  # capped by tokens, not memory
+    low = memory.plan(model, li.FactorConfig(), li.Execution(cache_gib=0), score_config=li.ScoreConfig(query_rank=4), **kw)
+    assert low.score_batch_size == memory.LOW_RANK_TOKENS_PER_BATCH["cpu"] // 128
 
-    def peak(batch: int) -> int:
-        return max(s.peak for s in memory.plan(model, li.FactorConfig(), li.Execution(batch_size=batch, cache_gib=0), **kw).stages.values())
+    def fit_peak(batch: int) -> int:
+        return memory.plan(model, li.FactorConfig(), li.Execution(batch_size=batch, cache_gib=0), stages=("fit",), **kw).stages["fit"].peak
 
-    budget = (peak(2) + peak(3)) / 2 / 2**30  # room for two sequences per batch, not three
-    tight = memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, cache_gib=0), **kw)
-    assert tight.batch_size == 2 and tight.fits
+    budget = (fit_peak(2) + fit_peak(3)) / 2 / 2**30  # room for two sequences per batch, not three
+    tight = memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, cache_gib=0), stages=("fit",), **kw)
+    assert tight.fit_batch_size == 2 and tight.fits
     with pytest.raises(ConfigError, match="memory_gib"):
-        memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, batch_size=3, cache_gib=0), **kw)
-    kept = memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, batch_size=1, query_batch_size=2), **kw)
-    assert (kept.batch_size, kept.query_batch_size) == (1, 2)
+        memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, batch_size=3, cache_gib=0), stages=("fit",), **kw)
+    kept = memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=budget, batch_size=1, query_batch_size=2), stages=("fit",), **kw)
+    assert (kept.fit_batch_size, kept.query_batch_size) == (1, 2)
     with pytest.raises(ConfigError, match="memory_gib"):
         memory.plan(model, li.FactorConfig(), li.Execution(memory_gib=0.01), **kw)
     text = roomy.report()

@@ -53,7 +53,12 @@ from .passes import model_device, run_pass, tracking
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
-TOKENS_PER_BATCH = {"cpu": 4096, "cuda": 16384}  # beyond this many tokens a batch is no faster per token
+# Tokens per batch beyond which a batch is no faster per token, only larger. On CPUs a plain
+# training pass ran fastest at ~1,000 tokens per batch (bench_core: 2x slower at 4,000); rank-R
+# scoring has no large per-batch reads to amortise (full-rank scoring reads every dense query
+# gradient once per batch, fitting adds every covariance sum once per batch), so half that.
+TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 16384}
+LOW_RANK_TOKENS_PER_BATCH = {"cpu": 512, "cuda": 16384}
 AVAILABLE_SHARE = 0.9  # of the memory the system reports available, when the budget is automatic
 MAX_QUERY_BATCH = 64
 
@@ -244,7 +249,8 @@ class Plan:
     device: str
     budget: int
     budget_source: str
-    batch_size: int
+    fit_batch_size: int
+    score_batch_size: int
     query_batch_size: int
     cache_bytes: int
     query_group: int
@@ -256,13 +262,18 @@ class Plan:
     def fits(self) -> bool:
         return all(s.peak <= self.budget for s in self.stages.values())
 
-    def execution(self, execution: Execution = Execution()) -> Execution:
-        """``execution`` with its automatic sizes filled in from this plan."""
+    @property
+    def batch_size(self) -> int:
+        """The fit's batch size when a fit is planned, else the scoring's."""
+        return self.fit_batch_size if "fit" in self.stages else self.score_batch_size
+
+    def execution(self, execution: Execution = Execution(), stage: str = "score") -> Execution:
+        """``execution`` with its automatic sizes filled in from this plan (the batch size of ``stage``: fit or score)."""
         from dataclasses import replace
 
         return replace(
             execution,
-            batch_size=execution.batch_size or self.batch_size,
+            batch_size=execution.batch_size or (self.fit_batch_size if stage == "fit" else self.score_batch_size),
             query_batch_size=execution.query_batch_size or self.query_batch_size,
             cache_gib=execution.cache_gib if execution.cache_gib is not None else self.cache_bytes / GiB,
         )
@@ -271,7 +282,8 @@ class Plan:
         """A printable table: each stage's peak by component, its time, the sizes chosen."""
         lines = [
             f"memory budget {self.budget / GiB:.2f} GiB ({self.budget_source}) on {self.device}; "
-            f"batch size {self.batch_size}, query batch size {self.query_batch_size}"
+            + (f"fit batch size {self.fit_batch_size}, " if "fit" in self.stages else "")
+            + (f"scoring batch size {self.score_batch_size}, query batch size {self.query_batch_size}" if len(self.stages) > ("fit" in self.stages) else "").rstrip(", ")
             + (f", EK-FAC capture cache {self.cache_bytes / GiB:.2f} GiB" if self.cache_bytes else ", no capture cache"),
         ]
         for stage in self.stages.values():
@@ -452,7 +464,9 @@ def plan(
         for s in block_slices(d, blocks)
     )
 
-    cap = max(1, min(num_sequences, TOKENS_PER_BATCH.get(device.type, 4096) // max(seq_len, 1)))
+    def cap(table: dict[str, int]) -> int:
+        return max(1, min(num_sequences, table.get(device.type, 1024) // max(seq_len, 1)))
+
     eigh_width = torch.get_num_threads() if device.type == "cpu" else 1  # eigendecompositions run side by side
 
     def fit_stage(batch: int, cache: int) -> Stage:
@@ -522,9 +536,9 @@ def plan(
         return Stage("score", parts, seconds)
 
     notes: list[str] = []
-    # training batch size: the largest up to `cap` that fits every planned stage
+    # batch sizes: the largest up to the stage's token cap that fit the budget
     fixed_batch = execution.batch_size
-    candidates = [fixed_batch] if fixed_batch else list(range(cap, 0, -1))
+    score_cap = cap(LOW_RANK_TOKENS_PER_BATCH if rank is not None else TOKENS_PER_BATCH)
     qcands = [execution.query_batch_size] if execution.query_batch_size else list(range(min(max(num_queries, 1), MAX_QUERY_BATCH), 0, -1))
     group = num_queries
     while group > 1 and "score" in stages and score_stage(1, group).peak > budget:
@@ -536,11 +550,12 @@ def plan(
         )
     qbatch = next((q for q in qcands if "precondition" not in stages or precondition_stage(q, max(group, 1)).peak <= budget), qcands[-1])
 
-    def all_fit(batch: int, cache: int) -> bool:
-        ok = "fit" not in stages or fit_stage(batch, cache).peak <= budget
-        return ok and ("score" not in stages or score_stage(batch, group).peak <= budget)
+    def largest(limit: int, fits) -> int:
+        candidates = [fixed_batch] if fixed_batch else list(range(limit, 0, -1))
+        return next((b for b in candidates if fits(b)), candidates[-1])
 
-    batch = next((b for b in candidates if all_fit(b, 0)), candidates[-1])
+    batch = largest(cap(TOKENS_PER_BATCH), lambda b: "fit" not in stages or fit_stage(b, 0).peak <= budget)
+    score_batch = largest(score_cap, lambda b: "score" not in stages or score_stage(b, group).peak <= budget)
     cache = 0
     if two_pass and "fit" in stages:
         want = num_sequences * sizes["captures_per_sequence"]
@@ -554,11 +569,11 @@ def plan(
     if "precondition" in stages and num_queries:
         planned["precondition"] = precondition_stage(qbatch, group)
     if "score" in stages:
-        planned["score"] = score_stage(batch, group)
-    result = Plan(str(device), budget, source, batch, qbatch, cache, group, planned, sizes, notes)
+        planned["score"] = score_stage(score_batch, group)
+    result = Plan(str(device), budget, source, batch, score_batch, qbatch, cache, group, planned, sizes, notes)
     if not result.fits:
         message = (
-            f"even batches of {batch} sequence(s) need more than the {budget / GiB:.2f} GiB budget; "
+            f"even batches of {min(batch, score_batch)} sequence(s) need more than the {budget / GiB:.2f} GiB budget; "
             "track fewer layers (FactorConfig.modules), cut A and S into blocks (FactorConfig.blocks), "
             "use a query rank, shorter sequences, or a larger memory_gib"
         )
@@ -605,4 +620,20 @@ def plan_for_data(
     )
 
 
-__all__ = ["plan", "plan_for_data", "memory_budget", "headroom", "Plan", "Stage", "Probe", "probe", "TensorMemoryTracker", "process_bytes", "available_bytes", "half_autocast", "synthetic_example", "TOKENS_PER_BATCH"]
+__all__ = [
+    "plan",
+    "plan_for_data",
+    "memory_budget",
+    "headroom",
+    "Plan",
+    "Stage",
+    "Probe",
+    "probe",
+    "TensorMemoryTracker",
+    "process_bytes",
+    "available_bytes",
+    "half_autocast",
+    "synthetic_example",
+    "TOKENS_PER_BATCH",
+    "LOW_RANK_TOKENS_PER_BATCH",
+]

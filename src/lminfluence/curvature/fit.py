@@ -143,7 +143,7 @@ def fit_factors(
     cache_gib = execution.cache_gib
     if not batch_size:
         sizes = plan_for_data(model, config, execution, train, task=task, stages=("fit",))
-        batch_size = sizes.batch_size
+        batch_size = sizes.fit_batch_size
         cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
         logger.info("fit plan:\n%s", sizes.report())
     elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
