@@ -199,7 +199,7 @@ _FIELDS = ("dense", "u", "s", "v")
 
 def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str], device: torch.device) -> dict[str, LayerQueries]:
     """Every rank's preconditioned queries on every rank (on ``device``), in query order (each rank computed ``positions``)."""
-    fields_of = {n: {f: t for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers} if local is not None else None
+    fields_of = {n: {f: t.contiguous() for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}  # collectives send storage if local is not None else None
     shapes = None if fields_of is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f, t in fs.items()} for n, fs in fields_of.items()}
     metas = dist.all_gather_objects(shapes)
     order = np.concatenate([np.asarray(p, dtype=np.int64) for p in dist.all_gather_objects(positions)])
