@@ -159,13 +159,18 @@ def kron_eigen_matrix(q_s: torch.Tensor, q_a: torch.Tensor, lam: torch.Tensor) -
     return k @ torch.diag(lam.reshape(-1)) @ k.T
 
 
+def dense_basis(q) -> torch.Tensor:
+    """A stored eigenbasis as one matrix: block-diagonal when stored as a tuple of blocks."""
+    return torch.block_diag(*q).double() if isinstance(q, tuple) else q.double()
+
+
 def dense_factor_matrix(factors, name: str) -> torch.Tensor:
     """The dense curvature block of one layer as stored in ``factors``."""
     st = factors.curvature.state[name]
     lam = st["lambda"].double()
     if "q_a" not in st:
         return torch.diag(lam.reshape(-1))
-    return kron_eigen_matrix(st["q_s"].double(), st["q_a"].double(), lam)
+    return kron_eigen_matrix(dense_basis(st["q_s"]), dense_basis(st["q_a"]), lam)
 
 
 def lm_gauss_newton(model, modules: dict, examples) -> torch.Tensor:

@@ -223,17 +223,24 @@ def test_wbar_grad_helper_matches_conv1d_layout():
     torch.testing.assert_close(g[:, :4], torch.ones(3, 2, dtype=torch.float64) @ x)
 
 
-def test_block_triangular_covariance_symmetrizes_to_the_full_gram():
-    """For D ≥ 512 only the upper tiles are computed; symmetrize(sum) = Σ x xᵀ exactly."""
+def test_covariance_sums_symmetrize_to_the_full_gram():
+    """token_covariance summed over batches as the fit sums it (packed upper triangles, float64)
+    and unpacked equals Σ x xᵀ, exactly symmetric; eigh_many (side-by-side one-thread
+    decompositions) equals eigh64 one by one."""
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(2, 7, 530, generator=g, dtype=torch.float64)
     x2 = torch.randn(3, 5, 530, generator=g, dtype=torch.float64)
-    partial = cm.token_covariance(x1) + cm.token_covariance(x2)
-    assert (torch.tril(partial, -200) == 0).all()  # the lower tiles really are skipped
+    packed = cm.pack_upper(cm.token_covariance(x1)) + cm.pack_upper(cm.token_covariance(x2))
+    assert packed.numel() == 530 * 531 // 2
+    full = cm.unpack_symmetric(packed)
     want = sum(x.reshape(-1, 530).T @ x.reshape(-1, 530) for x in (x1, x2))
-    torch.testing.assert_close(cm.symmetrize(partial), want)
-    small = torch.randn(4, 3, 20, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(cm.symmetrize(cm.token_covariance(small)), small.reshape(-1, 20).T @ small.reshape(-1, 20))
+    torch.testing.assert_close(full, want)
+    assert torch.equal(full, full.T)
+    mats = [m @ m.T for m in torch.randn(3, 40, 40, generator=g, dtype=torch.float64)]
+    for (e, q), m in zip(cm.eigh_many(mats), mats):
+        e1, q1 = cm.eigh64(m)
+        torch.testing.assert_close(e, e1)
+        torch.testing.assert_close(q @ torch.diag(e) @ q.T, m)
 
 
 def test_low_rank_factors_match_truncated_svd():

@@ -18,10 +18,12 @@ from .errors import ConfigError
 Strategy = Literal["identity", "diagonal", "kfac", "ekfac", "lissa"]
 FisherType = Literal["sampled", "empirical"]
 Algorithm = Literal["auto", "materialize", "project"]
+FactorDtype = Literal["auto", "float32", "float64"]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+FACTOR_DTYPES: tuple[str, ...] = get_args(FactorDtype)
 
 
 def option(default: Any, help: str, *, key: str | None = None, flag: str | None = None, cli: bool = True) -> Any:
@@ -102,6 +104,14 @@ class FactorConfig(Serializable):
         lissa_depth: J, the number of recursion steps (one mini-batch each).
         lissa_repeats: independent recursions averaged.
         lissa_batch_size: training sequences per Gauss–Newton-vector product.
+        factor_dtype: the dtype the fitted factors are stored and applied in.
+            Sums are always accumulated and eigendecomposed in float64; ``auto``
+            stores them in float32 (float64 only for a model that computes in
+            float64), halving their memory and disk size.
+        blocks: cut A and S of every layer into this many diagonal blocks of
+            consecutive coordinates (the paper's Appendix A): factor memory and
+            eigendecomposition time shrink about k-fold and k²-fold, at some
+            accuracy cost (docs/memory.md). 1 = the full matrices.
     """
 
     strategy: Strategy = option("ekfac", "curvature approximation: ekfac, kfac, diagonal, identity (gradient dot product) or lissa")
@@ -112,6 +122,8 @@ class FactorConfig(Serializable):
     lissa_depth: int = option(1000, "LiSSA recursion steps")
     lissa_repeats: int = option(1, "independent LiSSA recursions averaged")
     lissa_batch_size: int = option(8, "training sequences per Gauss–Newton-vector product of LiSSA")
+    factor_dtype: FactorDtype = option("auto", "storage dtype of the factors: auto (float32 unless the model is float64), float32 or float64")
+    blocks: int = option(1, "diagonal blocks of A and S per layer (Appendix A), for very wide layers; 1 = full")
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -131,6 +143,8 @@ class FactorConfig(Serializable):
         check_positive_int("lissa_depth", self.lissa_depth)
         check_positive_int("lissa_repeats", self.lissa_repeats)
         check_positive_int("lissa_batch_size", self.lissa_batch_size)
+        check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
+        check_positive_int("blocks", self.blocks)
         if self.strategy == "lissa" and self.fisher != "sampled":
             raise ConfigError(
                 "strategy='lissa' uses exact Gauss–Newton-vector products; fisher='empirical' does not apply "
@@ -187,23 +201,43 @@ class ScoreConfig(Serializable):
 
 @dataclass(frozen=True)
 class Execution(Serializable):
-    """How fitting and scoring run: sizes of the work done at once. Never changes a result.
+    """How fitting and scoring run: sizes of the work done at once, memory, checkpoints. Never changes a result.
+
+    Sizes left at None are chosen from the model, the data and the memory
+    budget (``lminfluence.memory.plan``); numbers given are used as they are.
 
     Attributes:
-        batch_size: training sequences per forward/backward pass (fitting and scoring).
-        query_batch_size: queries per gradient pass, and queries scored together at full rank.
+        batch_size: training sequences per forward/backward pass (fitting and
+            scoring); None = the largest that fits the budget, up to a few
+            thousand tokens per batch.
+        query_batch_size: queries per gradient pass; None = chosen like batch_size.
+        memory_gib: the memory budget in GiB; None = what the device has
+            (free CUDA memory, or the machine's available RAM).
         cache_gib: memory for keeping EK-FAC's first-pass captures so that its second
-            pass replays them instead of running the model again; 0 turns it off.
+            pass replays them instead of running the model again; 0 turns it
+            off; None = use it when all the captures fit in what the budget leaves.
+        checkpoint_seconds: a fit with an ``output_dir`` saves its running sums
+            there at this interval and at the end of each pass; a fit killed and
+            run again resumes from the last checkpoint. 0 = after every batch.
+        offload_factors: keep the factors in CPU memory and move them to the
+            model's device one layer at a time, when used (for GPUs whose memory
+            cannot hold them all).
     """
 
-    batch_size: int = option(8, "training sequences per forward/backward pass")
-    query_batch_size: int = option(16, "queries per gradient pass, and per group scored at full rank")
-    cache_gib: float = option(4.0, "memory for replaying EK-FAC's first pass in its second (0 = off)")
+    batch_size: int | None = option(None, "training sequences per forward/backward pass (default: from the memory budget)")
+    query_batch_size: int | None = option(None, "queries per gradient pass (default: from the memory budget)")
+    memory_gib: float | None = option(None, "memory budget in GiB (default: the device's free memory, or available RAM)")
+    cache_gib: float | None = option(None, "memory for replaying EK-FAC's first pass in its second (0 = off; default: when it fits)")
+    checkpoint_seconds: float = option(300.0, "seconds between checkpoints of a fit's running sums (0 = every batch)")
+    offload_factors: bool = option(False, "keep factors on the CPU, moving one layer at a time to the model's device")
 
     def __post_init__(self) -> None:
-        check_positive_int("batch_size", self.batch_size)
-        check_positive_int("query_batch_size", self.query_batch_size)
-        check_number("cache_gib", self.cache_gib)
+        check_positive_int("batch_size", self.batch_size, allow_none=True)
+        check_positive_int("query_batch_size", self.query_batch_size, allow_none=True)
+        check_number("memory_gib", self.memory_gib, strict=True, allow_none=True)
+        check_number("cache_gib", self.cache_gib, allow_none=True)
+        check_number("checkpoint_seconds", self.checkpoint_seconds)
+        check_bool("offload_factors", self.offload_factors)
 
 
 __all__ = [
@@ -215,6 +249,7 @@ __all__ = [
     "STRATEGIES",
     "FISHER_TYPES",
     "ALGORITHMS",
+    "FACTOR_DTYPES",
     "check_choice",
     "check_positive_int",
     "check_number",

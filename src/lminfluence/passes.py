@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -79,13 +81,30 @@ def tracking(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[Collec
         yield collector
 
 
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of the labels drawn for the training sequence at ``index``: a hash of (seed, index).
+
+    Each sequence gets its own generator, so the drawn labels, and the factors,
+    do not depend on the batch size, on where a resumed fit restarts, or on
+    how the data are split between processes.
+    """
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sequence_generators(seed: int, start: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sequence start, …, start + count - 1, seeded by ``sequence_seed``."""
+    return [torch.Generator(device=device).manual_seed(sequence_seed(seed, i)) for i in range(start, start + count)]
+
+
 @dataclass
 class BatchCapture:
-    """What one batch of a pass produced."""
+    """What one batch of a pass produced; ``end`` is the index after its last sequence."""
 
     captures: dict[str, LayerCapture]
     num_sequences: int
     num_tokens: int
+    end: int = 0
 
 
 def run_pass(
@@ -96,32 +115,42 @@ def run_pass(
     batch_size: int,
     loss_kind: LossKind,
     *,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    start: int = 0,
+    autocast: torch.dtype | None = None,
     desc: str = "",
 ) -> Iterator[BatchCapture]:
     """Yield each batch's captures for the gradient of the summed loss of ``loss_kind``.
 
     ``true``: the training loss L with the data's labels; ``sampled``: L with
-    labels drawn from the model; ``measurement``: g = -f, the query's loss.
+    labels drawn from the model, those of the sequence at index i from a
+    generator seeded by ``sequence_seed(seed, i)``; ``measurement``: g = -f, the
+    query's loss. ``start`` skips the first examples (a resumed pass).
+    ``autocast``: run the forward under ``torch.autocast`` with this dtype (GPU
+    half precision); captures and losses stay float32.
     Run it inside ``tracking`` (eval mode, gradients on, hooks registered).
     """
     device = model_device(model)
     total = num_examples(data)
-    seen = 0
+    if loss_kind == "sampled" and seed is None:
+        raise ValueError("sampled labels need a seed")
+    seen = start
     seen_tokens = 0
-    start = time.perf_counter()
+    began = time.perf_counter()
+    rows = itertools.islice(data, start, None) if start else data
+    cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with progress(total, desc, "seq") as bar:
-        for examples in batches(data, batch_size):
+        bar.update(start)
+        for examples in batches(rows, batch_size):
             batch = collate_to(task, examples, device)
             mask = task.token_mask(batch)
             collector.begin(mask)
-            outputs = task.forward(model, batch)
+            with cast:
+                outputs = task.forward(model, batch)
             if loss_kind == "true":
                 loss = task.loss(outputs, batch)
             elif loss_kind == "sampled":
-                if generator is None:
-                    raise ValueError("sampled labels need a generator")
-                loss = task.sampled_loss(outputs, batch, generator)
+                loss = task.sampled_loss(outputs, batch, sequence_generators(seed, seen, len(examples), outputs.device))  # type: ignore[arg-type]
             else:
                 loss = -task.measurement(outputs, batch)
             if not torch.isfinite(loss).all():
@@ -132,11 +161,23 @@ def run_pass(
             del outputs, loss, batch  # the logits ([B, T, V]) must not outlive the backward
             seen += len(examples)
             seen_tokens += tokens
-            bar.set_postfix_str(f"{seen_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
+            bar.set_postfix_str(f"{seen_tokens / max(time.perf_counter() - began, 1e-9):,.0f} tok/s", refresh=False)
             bar.update(len(examples))
-            yield BatchCapture(captures, len(examples), tokens)
+            yield BatchCapture(captures, len(examples), tokens, seen)
     if seen == 0:
         raise InputError(f"{desc or 'the data'}: no examples (the dataset is empty)")
 
 
-__all__ = ["as_reiterable", "batches", "collate_to", "run_pass", "tracking", "eval_mode", "model_device", "BatchCapture", "LossKind"]
+__all__ = [
+    "as_reiterable",
+    "batches",
+    "collate_to",
+    "run_pass",
+    "tracking",
+    "eval_mode",
+    "model_device",
+    "sequence_seed",
+    "sequence_generators",
+    "BatchCapture",
+    "LossKind",
+]

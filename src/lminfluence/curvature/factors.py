@@ -2,18 +2,24 @@
 
 On disk a factors directory holds ``factors.safetensors`` (every tensor) and
 ``manifest.json`` (everything else), the manifest written last so that its
-presence marks a finished fit.
+presence marks a finished fit. A tensor shared by several layers (the A factor
+of the gate and up projections) is stored once; ``manifest["shared_a"]``
+says which layers use it. ``load_factors(..., lazy=True)`` leaves the tensors
+in the file and reads each layer's when it is used, so that a scoring process
+holds no factors in memory once the queries are preconditioned.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FactorConfig
@@ -24,6 +30,8 @@ from ..storage.atomic import atomic_write, atomic_write_json
 from ..storage.layout import FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE
 from .base import Curvature
 from .strategies import make_curvature
+
+READABLE_VERSIONS = (2, FORMAT_VERSION)  # 2: float64, one A per layer, no blocks: read as is
 
 
 @dataclass
@@ -55,6 +63,13 @@ class Factors:
     @property
     def strategy(self) -> str:
         return self.curvature.name
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the fitted tensors (a shared tensor counted once), in memory or on disk when lazy."""
+        if self.curvature.lazy:
+            return _lazy_nbytes(self.curvature)
+        return sum(t.numel() * t.element_size() for t in self.curvature.state_dict().values())
 
     def save(self, path: str | Path) -> Path:
         """Write factors.safetensors and manifest.json into the directory ``path``."""
@@ -96,6 +111,7 @@ def save_factors(factors: Factors, path: str | Path) -> Path:
         "strategy": factors.strategy,
         "config": factors.config.to_dict(),
         "layers": {n: info.to_dict() for n, info in factors.layers.items()},
+        "shared_a": factors.curvature.shared_a,
         "num_tokens": factors.num_tokens,
         "num_sequences": factors.num_sequences,
         "fingerprint": factors.fingerprint,
@@ -105,12 +121,55 @@ def save_factors(factors: Factors, path: str | Path) -> Path:
     return path
 
 
-def load_factors(path: str | Path, model: nn.Module | None = None) -> Factors:
+class SafetensorsSource(Mapping):
+    """The tensors of a safetensors file, each read from the file when accessed (not kept)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        # a copy in torch's own (64-byte aligned) memory: matrix products of the file's
+        # 8-byte aligned buffer can round differently from those of the fitted tensors
+        return self._file.get_tensor(key).clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def nbytes(self) -> int:
+        total = 0
+        for key in self._keys:
+            s = self._file.get_slice(key)
+            numel = 1
+            for d in s.get_shape():
+                numel *= d
+            total += numel * _DTYPE_BYTES.get(s.get_dtype(), 4)
+        return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+
+
+def _lazy_nbytes(curvature: Curvature) -> int:
+    sources = {id(st.source): st.source for st in curvature.state.values() if hasattr(st, "source")}
+    return sum(s.nbytes() for s in sources.values())
+
+
+def load_factors(path: str | Path, model: nn.Module | None = None, *, lazy: bool = False) -> Factors:
     """Read factors saved by ``Factors.save``.
 
     Args:
         path: the directory holding manifest.json and factors.safetensors.
         model: when given, refuse factors fitted on a model with other weights (StaleError).
+        lazy: leave the tensors in the file and read a layer's when it is used
+            (memory for one layer at a time instead of all of them; the file must
+            stay in place while the factors are in use).
 
     Raises:
         FileNotFoundError: no finished factors at ``path``.
@@ -122,7 +181,7 @@ def load_factors(path: str | Path, model: nn.Module | None = None) -> Factors:
         raise FileNotFoundError(f"no factors at {path}: {MANIFEST_FILE} is missing (was the fit finished?)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise CorruptFileError(
                 f"{manifest_path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION} "
                 "(written by another lminfluence version): fit the factors again"
@@ -133,7 +192,10 @@ def load_factors(path: str | Path, model: nn.Module | None = None) -> Factors:
         tensor_path = path / FACTORS_FILE
         if not tensor_path.is_file():
             raise FileNotFoundError(f"no factors at {path}: {FACTORS_FILE} is missing next to {MANIFEST_FILE}")
-        curvature.load_state_dict(load_file(str(tensor_path)))
+        source = SafetensorsSource(tensor_path)
+        if not lazy:
+            source = {k: source[k] for k in source}
+        curvature.load_state_dict(source, manifest.get("shared_a") or {}, lazy=lazy)
         factors = Factors(
             config=config,
             curvature=curvature,

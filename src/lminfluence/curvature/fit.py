@@ -25,6 +25,7 @@ from ..passes import (
     tracking,
 )
 from ..task.base import Task
+from .checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
 from .factors import Factors
 from .strategies import make_curvature
 
@@ -59,7 +60,7 @@ class CaptureCache:
         self.seen += bc.num_sequences
         projected = self.bytes / self.seen * self.total if self.total else self.bytes
         if projected > self.budget:
-            logger.info("captures need ~%.2f GiB > cache_gib: the second pass recomputes", projected / 2**30)
+            logger.info("captures need ~%.2f GiB > the cache's %.2f GiB: the second pass recomputes", projected / 2**30, self.budget / 2**30)
             self.items = None
             return
         self.items.append(bc)
@@ -71,6 +72,19 @@ class CaptureCache:
         items, self.items = deque(self.items or []), None  # each batch is freed once replayed
         while items:
             yield items.popleft()
+
+
+def _checkpointer(model, train, config, task, layers, output_dir, execution) -> FitCheckpoint:
+    key = fit_key(
+        {
+            "model": model_fingerprint(model),
+            "config": config.to_dict(),
+            "task": [type(task).__module__, type(task).__qualname__, sorted((k, repr(v)) for k, v in vars(task).items())],
+            "data": examples_digest(train),
+            "layers": {n: info.to_dict() for n, info in layers.items()},
+        }
+    )
+    return FitCheckpoint(Path(output_dir) / CHECKPOINT_DIR, key, execution.checkpoint_seconds)
 
 
 def fit_factors(
@@ -85,20 +99,26 @@ def fit_factors(
     """Fit the curvature approximation of ``config.strategy`` on ``train``.
 
     Runs the passes the strategy needs (K-FAC one, EK-FAC two) with
-    pseudo-labels sampled from the model (or the true labels for the empirical
-    Fisher). Products run in the captures' dtype (float32 or wider), sums are
-    accumulated in float64, and eigendecompositions are float64.
+    pseudo-labels sampled from the model (each sequence's from its own seed,
+    so the factors do not depend on the batch size) or the true labels for
+    the empirical Fisher. Products run in the captures' dtype (float32 or
+    wider), sums are accumulated in float64, eigendecompositions are float64,
+    and the factors are stored in ``config.factor_dtype``.
 
     Args:
         model: a causal LM (or any model the task knows); left unchanged.
         train: example dicts (see CausalLMTask); a list or ``datasets.Dataset``.
-        config: strategy, Fisher type, tracked modules, seed.
+        config: strategy, Fisher type, tracked modules, seed, storage dtype, blocks.
         task: defaults to CausalLMTask().
-        execution: batch size and the capture cache (``Execution.cache_gib``: EK-FAC's
-            second pass replays the first pass's captures when they fit; the factors
-            are identical either way).
-        output_dir: when given, the factors are also saved there.
+        execution: batch size (None: from the memory budget, ``lminfluence.memory``),
+            the capture cache (EK-FAC's second pass replays the first pass's
+            captures when they fit; the factors are identical either way),
+            checkpoint interval, offloading.
+        output_dir: when given, the factors are saved there, and the fit
+            checkpoints its progress there (``Execution.checkpoint_seconds``):
+            run again after a crash, it resumes and ends with the same factors.
     """
+    from ..memory import half_autocast, headroom, plan_for_data
     from ..task.causal_lm import CausalLMTask
 
     if not isinstance(config, FactorConfig):
@@ -110,49 +130,93 @@ def fit_factors(
     modules = resolve_modules(model, config.modules)
     layers = {n: layer_info(m) for n, m in modules.items()}
     curvature = make_curvature(config.strategy, layers, config)
-    logger.info("fitting %s on %d tracked layers", config.strategy, len(layers))
+    curvature.offload = execution.offload_factors
+    if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
+        return _finish(model, config, curvature, 0, _count(train), {}, {}, output_dir)
 
-    device = model_device(model)
-    num_tokens = num_sequences = 0
-    timings: dict[str, float] = {}
+    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution) if output_dir is not None else None
+    progress = checkpoint.restore(curvature) if checkpoint is not None else None
+    resumed = progress is not None
+    if progress is None:
+        progress = Progress()
+    batch_size = execution.batch_size or progress.batch_size
+    cache_gib = execution.cache_gib
+    if not batch_size:
+        sizes = plan_for_data(model, config, execution, train, task=task, stages=("fit",))
+        batch_size = sizes.fit_batch_size
+        cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
+        logger.info("fit plan:\n%s", sizes.report())
+    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
+        cache_gib = headroom(model_device(model), execution) / 2 / 2**30
+    progress.batch_size = batch_size
+    logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
+
     kind = "sampled" if config.fisher == "sampled" else "true"
-    cache = CaptureCache(execution.cache_gib, num_examples(train)) if len(curvature.passes) > 1 else None
+    autocast = half_autocast(model)
+    total = num_examples(train)
+    # a pass resumed midway cannot fill the cache: the second pass then recomputes (same result)
+    use_cache = len(curvature.passes) > 1 and not resumed
+    cache = CaptureCache(cache_gib or 0.0, total) if use_cache else None
+    batches_done = 0
     with tracking(model, modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
-            start = time.perf_counter()
-            num_tokens = num_sequences = 0
+            if index < progress.pass_index:
+                continue
+            start = time.perf_counter() - progress.seconds.get(pass_name, 0.0)
             if index > 0 and cache is not None and cache.complete:
                 batches: Iterable[BatchCapture] = cache.replay()
             else:
-                # The same seed in every pass: each pass draws the same labels, so a pass
-                # replayed from the cache and a recomputed one give identical statistics.
-                generator = torch.Generator(device=device).manual_seed(config.seed)
-                batches = run_pass(model, task, collector, train, execution.batch_size, kind, generator=generator, desc=f"fit {pass_name}")
+                batches = run_pass(
+                    model, task, collector, train, batch_size, kind, seed=config.seed, start=progress.start,
+                    autocast=autocast, desc=f"fit {pass_name}",
+                )
             for bc in batches:
                 curvature.accumulate(pass_name, bc.captures)
-                num_tokens += bc.num_tokens
-                num_sequences += bc.num_sequences
+                progress.num_tokens += bc.num_tokens
+                progress.num_sequences += bc.num_sequences
+                progress.start += bc.num_sequences
                 if index == 0 and cache is not None:
                     cache.offer(bc)
+                del bc
+                batches_done += 1
+                test_kill("batch", batches_done)
+                if checkpoint is not None and checkpoint.due():
+                    progress.seconds[pass_name] = time.perf_counter() - start
+                    checkpoint.save(curvature, progress)
             if index == 0 and cache is not None:
                 cache.close()
-            curvature.finalize(pass_name, num_tokens, num_sequences)
-            timings[pass_name] = time.perf_counter() - start
-    if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
-        num_sequences = sum(1 for _ in train)
-        if num_sequences == 0:
-            raise InputError("train: no examples (the dataset is empty)")
+            curvature.finalize(pass_name, progress.num_tokens, progress.num_sequences)
+            progress.seconds[pass_name] = time.perf_counter() - start
+            counts = (progress.num_tokens, progress.num_sequences)
+            progress = Progress(index + 1, 0, 0, 0, batch_size, progress.seconds)
+            if checkpoint is not None and index + 1 < len(curvature.passes):
+                checkpoint.save(curvature, progress)
+    meta = {
+        "second_pass_replayed": bool(cache is not None and cache.complete),
+        "batch_size": batch_size,
+        "resumed": resumed,
+    }
+    factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir)
+    if checkpoint is not None:
+        checkpoint.clear()
+    return factors
+
+
+def _count(train: Iterable) -> int:
+    n = sum(1 for _ in train)
+    if n == 0:
+        raise InputError("train: no examples (the dataset is empty)")
+    return n
+
+
+def _finish(model, config, curvature, num_tokens, num_sequences, timings, meta, output_dir) -> Factors:
     factors = Factors(
         config=config,
         curvature=curvature,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
         fingerprint=model_fingerprint(model),
-        meta={
-            "seconds": timings,
-            "torch": torch.__version__,
-            "second_pass_replayed": bool(cache is not None and cache.complete),
-        },
+        meta={"seconds": timings, "torch": torch.__version__, **meta},
     )
     if output_dir is not None:
         factors.save(output_dir)

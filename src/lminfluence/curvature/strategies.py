@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
+from ..errors import TrackingError
 from ..hooks.collector import LayerCapture
 from ..hooks.modules import LayerInfo
 from . import math as cm
@@ -24,38 +27,84 @@ class Diagonal(EigenbasisCurvature):
         self._finalize_squares(num_sequences)
 
 
+def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
+    """Add a batch's covariance blocks (packed upper triangles) into the layer's float64 running sums."""
+    if key in state:
+        for total, b in zip(state[key], blocks):
+            total.add_(b)
+    else:
+        state[key] = tuple(b.to(torch.float64) for b in blocks)
+
+
 class KFAC(EigenbasisCurvature):
     """G ≈ T̄ · A ⊗ S per layer: Λ = T̄ · e_S e_Aᵀ in the Kronecker eigenbasis.
 
     T̄ (mean real tokens per sequence) puts K-FAC on the per-sequence scale of
     EK-FAC: the per-sequence Fisher of T independent tokens is T · A ⊗ S.
+    With ``FactorConfig.blocks`` = k > 1, A and S are each cut into k diagonal
+    blocks of consecutive coordinates (Appendix A), decomposed separately.
     """
 
     name = "kfac"
     passes = (COVARIANCE,)
+    kronecker_eigenvalues = True  # Λ = T̄ e_S e_Aᵀ (EK-FAC refits Λ instead)
+
+    def _owners(self, captures: dict[str, LayerCapture]) -> dict[str, str]:
+        """Layers fed the same ā tensor (gate and up) → the first of them, which holds the shared A."""
+        first: dict[int, str] = {}
+        owners = {name: first.setdefault(id(cap.a), name) for name, cap in captures.items()}
+        shared = {n: o for n, o in owners.items() if n != o}
+        if not any("a_sum" in st or "q_a" in st for st in self.state.values()):
+            self.shared_a = shared
+        elif shared != self.shared_a:
+            raise TrackingError(
+                f"the tracked layers that read the same input changed between batches ({self.shared_a} → {shared}); "
+                "the model must call its layers the same way for every batch"
+            )
+        return owners
 
     def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
-        shared: dict[int, torch.Tensor] = {}  # layers fed the same ā (gate/up) share A
+        blocks = getattr(self.config, "blocks", 1)
+        owners = self._owners(captures)
         for name, cap in captures.items():
             st = self.state[name]
-            cov_a = shared.get(id(cap.a))
-            if cov_a is None:
-                cov_a = shared[id(cap.a)] = cm.token_covariance(cap.a)
-            cov_s = cm.token_covariance(cap.ds)
-            if "a_sum" in st:
-                st["a_sum"].add_(cov_a)
-                st["s_sum"].add_(cov_s)
-            else:
-                st["a_sum"], st["s_sum"] = cov_a.clone(), cov_s
+            if owners[name] == name:  # a shared A is counted once, by its owner
+                _add(st, "a_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.a, blocks)))
+            _add(st, "s_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.ds, blocks)))
+        if self.dtype is None:
+            self.dtype = self.storage_dtype(next(iter(captures.values())).a.dtype)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         mean_tokens = num_tokens / num_sequences
-        for st in self.state.values():
-            e_a, st["q_a"] = cm.eigh64(cm.symmetrize(st.pop("a_sum")) / num_tokens)
-            e_s, st["q_s"] = cm.eigh64(cm.symmetrize(st.pop("s_sum")) / num_tokens)
-            st["e_a"], st["e_s"] = e_a, e_s
-            st["lambda"] = mean_tokens * torch.outer(e_s, e_a)  # [O, I]
-        self._bases.clear()
+        # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
+        # side); each float64 sum is released once decomposed, so the peak holds the sums plus a few workspaces
+        pending = deque(
+            (name, side, block)
+            for name, st in self.state.items()
+            for side in ("a", "s")
+            if f"{side}_sum" in st
+            for block in st.pop(f"{side}_sum")
+        )
+        done: dict[tuple[str, str], list] = {}
+        width = torch.get_num_threads() if pending and pending[0][2].device.type == "cpu" else 1
+        while pending:
+            chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
+            means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
+            keys = [(name, side) for name, side, _ in chunk]
+            del chunk
+            for key, (e, q) in zip(keys, cm.eigh_many(means)):
+                done.setdefault(key, []).append((e.to(self.dtype), q.to(self.dtype)))
+            del means
+        for (name, side), parts in done.items():
+            st = self.state[name]
+            st[f"e_{side}"] = torch.cat([e for e, _ in parts])
+            st[f"q_{side}"] = parts[0][1] if len(parts) == 1 else tuple(q for _, q in parts)
+        for layer, owner in self.shared_a.items():
+            self.state[layer]["e_a"], self.state[layer]["q_a"] = self.state[owner]["e_a"], self.state[owner]["q_a"]
+        if self.kronecker_eigenvalues:
+            for st in self.state.values():
+                st["lambda"] = (mean_tokens * torch.outer(st["e_s"].double(), st["e_a"].double())).to(self.dtype)  # [O, I]
+        self._place()
 
 
 class EKFAC(KFAC):
@@ -63,6 +112,7 @@ class EKFAC(KFAC):
 
     name = "ekfac"
     passes = (COVARIANCE, CORRECTION)
+    kronecker_eigenvalues = False
 
     def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
         if pass_name == COVARIANCE:

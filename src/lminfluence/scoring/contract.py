@@ -50,6 +50,10 @@ class LayerQueries:
 
     @classmethod
     def concat(cls, parts: list["LayerQueries"]) -> "LayerQueries":
+        """The queries of several parts, in order (one part is returned as it is, without a copy)."""
+        if len(parts) == 1:
+            return parts[0]
+
         def cat(name: str) -> torch.Tensor | None:
             ts = [getattr(p, name) for p in parts]
             return None if ts[0] is None else torch.cat(ts)
@@ -73,15 +77,35 @@ class LayerQueries:
     def num_queries(self) -> int:
         return (self.dense if self.dense is not None else self.u).shape[0]  # type: ignore[union-attr]
 
-    def expanded(self) -> torch.Tensor:
-        """The dense [Q, O, I] (reconstructed from the factors if needed, then kept)."""
-        if self.dense is None:
-            self.dense = (self.u * self.s.unsqueeze(1)) @ self.v.transpose(1, 2)  # [Q, O, R] @ [Q, R, I]
-        return self.dense
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the dense form and/or the factors."""
+        return sum(t.numel() * t.element_size() for t in (self.dense, self.u, self.s, self.v) if t is not None)
+
+    @property
+    def expanded_bytes(self) -> int:
+        """Bytes of the dense [Q, O, I] these queries expand to."""
+        if self.dense is not None:
+            return self.dense.numel() * self.dense.element_size()
+        return self.num_queries * self.u.shape[1] * self.v.shape[1] * self.u.element_size()  # type: ignore[union-attr]
+
+    def expanded(self, keep: bool = True) -> torch.Tensor:
+        """The dense [Q, O, I] (reconstructed from the factors if needed; kept for reuse when ``keep``)."""
+        if self.dense is not None:
+            return self.dense
+        dense = (self.u * self.s.unsqueeze(1)) @ self.v.transpose(1, 2)  # [Q, O, R] @ [Q, R, I]
+        if keep:
+            self.dense = dense
+        return dense
 
 
-def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: str) -> str:
-    """'materialize', 'project' or 'project_low_rank' for one layer and batch length T."""
+def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: str, batch: int = 1, keep: bool = True) -> str:
+    """'materialize', 'project' or 'project_low_rank' for one layer, a batch of ``batch`` sequences of length T.
+
+    Costs per sequence: materialising T·O·I + Q·O·I (plus, for rank-R queries whose
+    dense form is not kept, Q·O·I·R per batch to expand them), projecting
+    T·(O+I)·R·Q (rank R) or T·Q·O·I (dense).
+    """
     Q = lq.num_queries
     project = "project_low_rank" if lq.is_low_rank else "project"
     if per_token or forced == "project":
@@ -92,6 +116,8 @@ def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: st
     if lq.is_low_rank:
         rank = lq.u.shape[-1]  # type: ignore[union-attr]
         cost_proj = T * (O + I) * rank * Q
+        if lq.dense is None and not keep:
+            cost_mat += Q * O * I * rank // max(batch, 1)
         if lq.dense is None and Q * O * I > DENSE_QUERY_BUDGET:
             return project  # expanding the factors would cost the memory they save
     else:
@@ -100,13 +126,16 @@ def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: st
 
 
 def layer_scores(
-    lq: LayerQueries, a: torch.Tensor, ds: torch.Tensor, algorithm: str
+    lq: LayerQueries, a: torch.Tensor, ds: torch.Tensor, algorithm: str, keep: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's scores for one batch: totals [Q, B] and, when projecting, per-token [Q, B, T]."""
+    """One layer's scores for one batch: totals [Q, B] and, when projecting, per-token [Q, B, T].
+
+    ``keep``: a rank-R layer expanded to materialise keeps its dense form for the next batches.
+    """
     B, T, I = a.shape
     O = ds.shape[-1]
     if algorithm == "materialize":
-        p = lq.expanded().reshape(lq.num_queries, O * I).to(a.dtype)  # [Q, O·I]
+        p = lq.expanded(keep).reshape(lq.num_queries, O * I).to(a.dtype)  # [Q, O·I]
         totals = [p @ sequence_gradients(a[sl], ds[sl]).reshape(-1, O * I).T for sl in batch_chunks(B, O * I)]
         return torch.cat(totals, dim=1), None  # [Q, B]
     a2, ds2 = a.reshape(B * T, I), ds.reshape(B * T, O)

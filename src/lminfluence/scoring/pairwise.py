@@ -14,7 +14,8 @@ from torch import nn
 from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import InputError
-from ..passes import as_reiterable, run_pass, tracking
+from ..memory import half_autocast, headroom
+from ..passes import as_reiterable, model_device, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores
 from .precondition import make_preconditioner
@@ -79,6 +80,33 @@ def _setup(model: nn.Module, factors: Factors, config: ScoreConfig, task: Task |
     return modules, dampings, task or CausalLMTask(), meta
 
 
+def _sizes(
+    model: nn.Module,
+    factors: Factors,
+    config: ScoreConfig,
+    execution: Execution,
+    task: Task,
+    *,
+    train: Any = None,
+    queries: Any = None,
+    stages: tuple[str, ...],
+    preconditioned: bool = False,
+):
+    """``execution`` with the sizes it leaves automatic chosen by ``memory.plan``, and the plan (None when all are given)."""
+    from ..memory import plan_for_data
+
+    need_batch = "score" in stages and execution.batch_size is None
+    need_queries = "precondition" in stages and execution.query_batch_size is None
+    if not (need_batch or need_queries):
+        return execution, None
+    plan = plan_for_data(
+        model, factors.config, execution, train if train is not None else [], queries=queries, score_config=config,
+        task=task, factors=factors, stages=stages, preconditioned=preconditioned,
+    )
+    logger.info("scoring plan:\n%s", plan.report())
+    return plan.execution(execution), plan
+
+
 def precondition_queries(
     model: nn.Module,
     factors: Factors,
@@ -99,9 +127,11 @@ def precondition_queries(
     """
     modules, dampings, task, _ = _setup(model, factors, config, task)
     queries = as_reiterable(queries, "queries")
+    if execution.query_batch_size is None:
+        execution, _ = _sizes(model, factors, config, execution, task, queries=queries, stages=("precondition",))
     pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, queries, execution.query_batch_size, "measurement", desc="queries"):
+        for bc in run_pass(model, task, col, queries, execution.query_batch_size, "measurement", autocast=half_autocast(model), desc="queries"):
             pre.add(bc.captures)
     result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
     if meta is not None:
@@ -137,10 +167,35 @@ def compute_scores(
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
-    pq = precondition_queries(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
-    scores = score_preconditioned(model, factors, pq, train, config, task=task, execution=execution)
+    queries = as_reiterable(queries, "queries")
+    train = as_reiterable(train, "train")
+    task = task or _setup(model, factors, config, task)[2]
+    execution, plan = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
+    group = plan.query_group if plan is not None and plan.query_group else None
+    if group is None or group >= len(queries):  # type: ignore[arg-type]
+        pq = precondition_queries(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
+        scores = score_preconditioned(model, factors, pq, train, config, task=task, execution=execution)
+    else:  # the preconditioned gradients of all queries do not fit: one pass over the data per group
+        parts = []
+        for start in range(0, len(queries), group):  # type: ignore[arg-type]
+            some = [queries[i] for i in range(start, min(start + group, len(queries)))]  # type: ignore[index, arg-type]
+            pq = precondition_queries(model, factors, some, config, task=task, execution=execution, curvature_data=data, meta=meta)
+            parts.append(score_preconditioned(model, factors, pq, train, config, task=task, execution=execution))
+            del pq
+        scores = _join_query_groups(parts)
     scores.meta.update(meta)
     return scores
+
+
+def _join_query_groups(parts: list[Scores]) -> Scores:
+    """Scores of consecutive query groups as one (queries along the first axis)."""
+    first = parts[0]
+    per_layer = {n: torch.cat([p.per_layer[n] for p in parts]) for n in first.per_layer} if first.per_layer is not None else None  # type: ignore[index]
+    per_token = None
+    if first.per_token is not None:
+        length = max(p.per_token.shape[-1] for p in parts)  # type: ignore[union-attr]
+        per_token = torch.cat([F.pad(p.per_token, (0, length - p.per_token.shape[-1])) for p in parts])  # type: ignore[union-attr, arg-type]
+    return Scores(total=torch.cat([p.total for p in parts]), per_layer=per_layer, per_token=per_token, meta=first.meta)
 
 
 def score_preconditioned(
@@ -164,17 +219,30 @@ def score_preconditioned(
     if missing:
         raise ValueError(f"preconditioned queries lack tracked layers: {', '.join(missing)}")
     pq = preconditioned
+    train = as_reiterable(train, "train")
+    execution, plan = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+    # A rank-R layer chosen to materialise is expanded to its dense [Q, O, I] per batch; the dense
+    # form is kept across batches only where it is at most twice the factors' size and fits in what
+    # the budget leaves (otherwise it would cost the memory the rank was chosen to save).
+    spare = max(0, plan.budget - plan.stages["score"].peak) if plan is not None else headroom(model_device(model), execution) // 2
+    keep: dict[str, bool] = {}
+    for name in modules:
+        lq = pq[name]
+        small = lq.dense is not None or not lq.is_low_rank or lq.expanded_bytes <= 2 * lq.nbytes
+        keep[name] = small and (not lq.is_low_rank or lq.dense is not None or lq.expanded_bytes <= spare)
+        if keep[name] and lq.is_low_rank and lq.dense is None:
+            spare -= lq.expanded_bytes
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, execution.batch_size, "true", desc="score"):
+        for bc in run_pass(model, task, col, train, execution.batch_size, "true", autocast=half_autocast(model), desc="score"):
             batch_total = 0
             batch_tokens = 0
             for name, cap in bc.captures.items():
                 B, T, I = cap.a.shape
-                algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm)
-                tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm)
+                algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm, B, keep[name])
+                tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm, keep[name])
                 batch_total = batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())
@@ -208,11 +276,14 @@ def compute_self_scores(
     if config.per_token:
         raise InputError("per_token is not defined for self-influence; use per_layer")
     modules, dampings, task, meta = _setup(model, factors, config, task)
+    train = as_reiterable(train, "train")
+    if execution.batch_size is None:
+        execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
     curvature = factors.curvature
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, execution.batch_size, "true", desc="self-influence"):
+        for bc in run_pass(model, task, col, train, execution.batch_size, "true", autocast=half_autocast(model), desc="self-influence"):
             batch_total = 0
             for name, cap in bc.captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]

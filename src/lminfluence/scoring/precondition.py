@@ -22,7 +22,7 @@ from torch import nn
 from ..curvature.base import Curvature
 from ..curvature.factors import Factors
 from ..curvature.lissa import LissaSolver
-from ..curvature.math import low_rank, sequence_gradients
+from ..curvature.math import factorize, sequence_gradients
 from ..hooks.collector import LayerCapture
 from .contract import LayerQueries
 
@@ -44,7 +44,7 @@ def _factorised(p: torch.Tensor, rank: int | None) -> LayerQueries:
     """A dense P [Q, O, I] as LayerQueries, rank-R factors when that is smaller than P."""
     if rank is None or rank >= min(p.shape[-2:]):
         return LayerQueries(dense=p)
-    u, s, w = low_rank(p, rank)
+    u, s, w = factorize(p, rank)
     return LayerQueries(u=u, s=s, v=w)
 
 
@@ -60,7 +60,8 @@ class LayerwisePreconditioner:
             self.parts[name].append(LayerQueries.precondition(self.curvature, name, cap.a, cap.ds, self.dampings[name], self.rank))
 
     def result(self) -> dict[str, LayerQueries]:
-        return {n: LayerQueries.concat(ps) for n, ps in self.parts.items()}
+        # one layer at a time, its parts released as they are joined: never two copies of every layer
+        return {n: LayerQueries.concat(self.parts.pop(n)) for n in list(self.parts)}
 
     def describe(self) -> dict[str, Any]:
         return {}

@@ -199,7 +199,7 @@ _FIELDS = ("dense", "u", "s", "v")
 
 def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str], device: torch.device) -> dict[str, LayerQueries]:
     """Every rank's preconditioned queries on every rank (on ``device``), in query order (each rank computed ``positions``)."""
-    fields_of = {n: {f: t for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers} if local is not None else None
+    fields_of = {n: {f: t.contiguous() for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}  # collectives send storage if local is not None else None
     shapes = None if fields_of is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f, t in fs.items()} for n, fs in fields_of.items()}
     metas = dist.all_gather_objects(shapes)
     order = np.concatenate([np.asarray(p, dtype=np.int64) for p in dist.all_gather_objects(positions)])
@@ -466,7 +466,12 @@ def two_stage_scores(
         raise ConfigError("no queries to score")
     if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
         train = list(train)
-    run = _Run(model, factors, queries, train, config, stages, task or CausalLMTask(), execution, store or MemoryStore(), chunk_size)
+    task = task or CausalLMTask()
+    if execution.batch_size is None or execution.query_batch_size is None:  # sizes left automatic: from the memory plan
+        from .pairwise import _sizes
+
+        execution, _ = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
+    run = _Run(model, factors, queries, train, config, stages, task, execution, store or MemoryStore(), chunk_size)
     union, tfidf, mask = select_candidates(index, train, queries, stages.candidates)
     first = run.scan(union, mask)
     if stages.rescore_top:

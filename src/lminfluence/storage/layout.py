@@ -3,7 +3,7 @@
 # Factors (a directory of its own; inside a run it is RUN/factors/)
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 2  # 2: the fingerprint covers the whole model, not only the tracked layers
+FORMAT_VERSION = 3  # 2: the fingerprint covers the whole model; 3: factors may share A (gate/up), come in blocks, be float32
 
 # A run directory, as the CLI writes it
 RUN_CONFIG = "config.yaml"  # the resolved configuration of every command run here

@@ -34,11 +34,14 @@ class Task(ABC):
         """Training loss L(z) per example with the true labels, [B]."""
 
     @abstractmethod
-    def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """L(z) per example with labels drawn from the model's predictive distribution, [B].
 
         Its gradient is a pseudo-gradient whose outer product equals the
         Gauss–Newton Hessian in expectation over the drawn labels.
+        ``generators`` holds one generator per example of the batch: draw example
+        b's labels from ``generators[b]`` only, so that they do not depend on the
+        batching (``causal_lm.sample_categorical`` accepts the list as it is).
         """
 
     @abstractmethod

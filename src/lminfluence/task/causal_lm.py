@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,13 +24,28 @@ def _as_long_1d(value: Any, key: str, index: int) -> torch.Tensor:
     return t.long()
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+Generators = Union[torch.Generator, Sequence[torch.Generator]]
+
+
+def _uniforms(rows: int, generators: Generators, device: torch.device) -> torch.Tensor:
+    """[rows, 1] uniform numbers; with a list of B generators, rows are split into B equal groups, one per generator."""
+    if isinstance(generators, torch.Generator):
+        return torch.rand(rows, 1, generator=generators, device=device)
+    if rows % len(generators):
+        raise ValueError(f"{rows} rows cannot be split evenly between {len(generators)} generators")
+    per = rows // len(generators)
+    return torch.cat([torch.rand(per, 1, generator=g, device=device) for g in generators])
+
+
+def sample_categorical(logits: torch.Tensor, generators: Generators) -> torch.Tensor:
     """One draw per row from softmax(logits) [N, V] by inverting the CDF, [N].
 
-    One uniform number per row (torch.multinomial is several times slower on CPU).
+    One uniform number per row (torch.multinomial is several times slower on
+    CPU). ``generators``: one generator, or one per example when the rows are
+    B examples' equal-sized groups (each example's draws then come from its own).
     """
     cdf = torch.softmax(logits.float(), dim=-1).cumsum_(-1)  # [N, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = _uniforms(cdf.shape[0], generators, cdf.device) * cdf[:, -1:]
     # right=True: the first category whose CDF exceeds u, so zero-probability ones are never drawn
     return torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(1)
 
@@ -107,11 +122,14 @@ class CausalLMTask(Task):
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self._token_nll(outputs, batch["labels"])
 
-    def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def sampled_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         with torch.no_grad():
             B, T, V = outputs.shape
-            rows = outputs.detach().reshape(B * T, V)  # a view: slicing off the last position first would copy
-            drawn = torch.cat([sample_categorical(c, generator) for c in rows.split(SAMPLE_CHUNK)]).view(B, T)[:, :-1]
+            rows = outputs.detach()  # [B, T, V]; slicing off the last position first would copy
+            # each sequence's T uniforms come from its own generator, in position order (chunking does not change them)
+            drawn = torch.stack(
+                [torch.cat([sample_categorical(c, g) for c in rows[b].split(SAMPLE_CHUNK)]) for b, g in enumerate(generators)]
+            )[:, :-1]
             labels = batch["labels"].clone()
             keep = labels[:, 1:] != IGNORE_INDEX  # same loss-carrying positions as the true labels
             labels[:, 1:] = torch.where(keep, drawn, labels[:, 1:])

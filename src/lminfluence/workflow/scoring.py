@@ -247,7 +247,7 @@ def _write_and_commit(plan: ScorePlan, result: TwoStageResult, root: Path, task:
 
     s = plan.config.score
     assert s is not None
-    logp = log_probs(plan.model, plan.queries.examples, task, s.execution.query_batch_size)
+    logp = log_probs(plan.model, plan.queries.examples, task, s.execution.query_batch_size or len(plan.queries.examples))
     shown = _as_columns(result)
     write_tables(root, plan.queries.queries, logp, result.first, shown, result.tfidf, result.columns, plan.store, plan.tokenizer, s.files.save_matrix)
     seconds = time.perf_counter() - t0

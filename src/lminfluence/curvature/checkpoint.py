@@ -1,0 +1,157 @@
+"""Checkpoints of a fit in progress, so that a killed fit resumes where it stopped.
+
+A checkpoint is the curvature's whole state (float64 running sums, the
+eigenbases of finished passes) plus where the fit is: pass, next sequence,
+counts, batch size. It lives in ``OUTPUT/checkpoint/``: the tensors in
+``state-N.safetensors`` written first, then ``checkpoint.json`` (atomically
+replaced) naming that file, then older state files deleted. A kill at any
+moment leaves either the previous checkpoint or the new one, never a mix.
+
+Each sequence's sampled labels come from its own seed and the batches of a
+resumed pass start where the checkpoint left them, so a resumed fit adds up
+exactly the same numbers in the same order: its factors are bitwise equal to
+an uninterrupted fit's. The checkpoint is keyed by a digest of everything the
+factors depend on (the model's weights, the configuration, the task, the
+training examples, the tracked layers); when any differs it is discarded.
+
+For tests, ``LMINFLUENCE_TEST_KILL_AT=batch:K`` makes the process kill itself
+(SIGKILL) after the K-th batch it accumulates, ``checkpoint:K`` in the middle
+of writing its K-th checkpoint (state written, json not yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..storage.atomic import atomic_write, atomic_write_json
+from .base import Curvature
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_FORMAT = 1
+KILL_ENV = "LMINFLUENCE_TEST_KILL_AT"
+
+
+def test_kill(point: str, count: int) -> None:
+    """SIGKILL this process when ``LMINFLUENCE_TEST_KILL_AT`` is ``point:count`` (crash-safety tests only)."""
+    if os.environ.get(KILL_ENV) == f"{point}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)) and not (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+        try:
+            t = torch.as_tensor(value)
+            h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            return
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    h.update(repr(value).encode())
+
+
+def examples_digest(data: Iterable[Mapping[str, Any]]) -> str:
+    """A hash of every example's keys and values, in order."""
+    h = hashlib.sha256()
+    for i, ex in enumerate(data):
+        h.update(f"#{i}".encode())
+        for key in sorted(ex):
+            h.update(f"{key}=".encode())
+            _hash_value(h, ex[key])
+    return h.hexdigest()[:32]
+
+
+def fit_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Progress:
+    """Where a fit is: the pass running (its index), the next sequence of that pass, and its counts."""
+
+    pass_index: int = 0
+    start: int = 0
+    num_tokens: int = 0
+    num_sequences: int = 0
+    batch_size: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class FitCheckpoint:
+    """Saves and restores a fit's state in ``directory``, keyed by ``key``, at most every ``interval`` seconds."""
+
+    def __init__(self, directory: Path, key: str, interval: float) -> None:
+        self.directory, self.key, self.interval = Path(directory), key, interval
+        self.last = time.monotonic()
+        self.saves = 0
+
+    def restore(self, curvature: Curvature) -> Progress | None:
+        """Load the checkpoint into ``curvature``; None (and the stale files removed) when there is none for this key."""
+        path = self.directory / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != self.key:
+                logger.info("ignoring the checkpoint in %s: it belongs to other inputs (model, data or settings)", self.directory)
+                self.clear()
+                return None
+            flat = load_file(str(self.directory / meta["file"]))
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            logger.warning("ignoring an unreadable checkpoint in %s (%s)", self.directory, e)
+            self.clear()
+            return None
+        curvature.load_state_dict(flat, meta.get("shared_a") or {})
+        curvature.dtype = getattr(torch, meta["dtype"]) if meta.get("dtype") else None
+        progress = Progress(**meta["progress"])
+        logger.info("resuming the fit from its checkpoint: pass %d, sequence %d", progress.pass_index + 1, progress.start)
+        return progress
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.interval
+
+    def save(self, curvature: Curvature, progress: Progress) -> None:
+        """Write the state, then the json naming it (atomically), then drop older states."""
+        self.saves += 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"state-{self.saves:06d}-{os.getpid()}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in curvature.state_dict().items()}
+        atomic_write(self.directory / name, lambda tmp: save_file(tensors, tmp))
+        del tensors
+        test_kill("checkpoint", self.saves)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "key": self.key,
+            "file": name,
+            "shared_a": curvature.shared_a,
+            "dtype": str(curvature.dtype).removeprefix("torch.") if curvature.dtype is not None else None,
+            "progress": asdict(progress),
+        }
+        atomic_write_json(self.directory / CHECKPOINT_FILE, meta)
+        for old in self.directory.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.last = time.monotonic()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+__all__ = ["FitCheckpoint", "Progress", "examples_digest", "fit_key", "test_kill", "CHECKPOINT_DIR", "KILL_ENV"]
