@@ -16,14 +16,7 @@ from ..config import Execution, FactorConfig
 from ..errors import InputError
 from ..fingerprint import model_fingerprint
 from ..hooks.modules import layer_info, resolve_modules
-from ..passes import (
-    BatchCapture,
-    as_reiterable,
-    model_device,
-    num_examples,
-    run_pass,
-    tracking,
-)
+from ..passes import BatchCapture, LossKind, as_reiterable, half_autocast, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
 from .checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
 from .factors import Factors
@@ -118,7 +111,7 @@ def fit_factors(
             checkpoints its progress there (``Execution.checkpoint_seconds``):
             run again after a crash, it resumes and ends with the same factors.
     """
-    from ..memory import half_autocast, headroom, plan_for_data
+    from ..memory import headroom, plan_for_data
     from ..task.causal_lm import CausalLMTask
 
     if not isinstance(config, FactorConfig):
@@ -151,13 +144,14 @@ def fit_factors(
     progress.batch_size = batch_size
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
-    kind = "sampled" if config.fisher == "sampled" else "true"
+    kind: LossKind = "sampled" if config.fisher == "sampled" else "true"
     autocast = half_autocast(model)
     total = num_examples(train)
     # a pass resumed midway cannot fill the cache: the second pass then recomputes (same result)
     use_cache = len(curvature.passes) > 1 and not resumed
     cache = CaptureCache(cache_gib or 0.0, total) if use_cache else None
     batches_done = 0
+    counts = (0, 0)
     with tracking(model, modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
             if index < progress.pass_index:
