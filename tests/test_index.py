@@ -89,7 +89,7 @@ def brute_force_scores(setup, method: str, reduction: float) -> torch.Tensor:
                     u, s, vh = torch.linalg.svd(dw)
                     total[i, j] += (p * ((u[:, : codec.r] * s[: codec.r]) @ vh[: codec.r])).sum()
                 elif method == "random":  # ⟨Π_out P Π_inᵀ, Π_out DW Π_inᵀ⟩ with the index's own projections
-                    p_out, p_in = plan.aux[name]["proj_out"], plan.aux[name]["proj_in"]
+                    p_out, p_in = plan.aux[name]["proj_out"].double(), plan.aux[name]["proj_in"].double()
                     total[i, j] += ((p_out @ p @ p_in.T) * (p_out @ dw @ p_in.T)).sum()
     return total
 
@@ -163,3 +163,19 @@ def test_bad_settings_are_refused(setup, tmp_path):
         score_with_index(model, factors, index, queries, li.ScoreConfig(query_rank=2))
     with pytest.raises(ConfigError, match="rank"):
         build_index(model, factors, train, tmp_path / "r", rank=2, world_size=2)
+
+
+def test_topk_positions_survive_their_two_byte_encoding():
+    """eigen_topk keeps positions as int16 offsets within blocks of 2¹⁶ plus per-block counts: decoding gives
+    back exactly the kept positions, across block boundaries (a 300 × 400 layer has two blocks)."""
+    codec = make_codec("eigen_topk", 300, 400, 20.0, 2)
+    assert codec.blocks == 2
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 300 * 400, generator=g, dtype=torch.float64)
+    aux = {"weight": torch.rand(300 * 400, generator=g)}
+    idx = codec.select(r, aux)
+    arrays = codec.arrays(r, idx)
+    assert arrays["offset"].dtype == torch.int16 and arrays["count"].sum(1).tolist() == [codec.k] * 5
+    assert torch.equal(codec.positions(arrays), idx.sort(dim=1).values)
+    assert torch.equal(arrays["values"], r.gather(1, idx.sort(dim=1).values))
+    assert ((idx >= 1 << 16).any(1) & (idx < 1 << 16).any(1)).all()  # both blocks used by every row

@@ -177,35 +177,60 @@ class Eigen(Codec):
 
 
 class EigenTopk(Codec):
-    """Each sequence's own k coordinates of R with the largest R² Λ / (Λ + λ)², with their positions (int32)."""
+    """Each sequence's own k coordinates of R with the largest R² Λ / (Λ + λ)², and their positions.
+
+    A position p (in O·I, ascending) is kept as its offset in its block of 2¹⁶ (int16, stored minus 2¹⁵)
+    plus, per sequence, how many kept positions fall in each block (int32): 2 bytes per position
+    instead of 4, so 1.5× more coordinates fit a float16 budget.
+    """
 
     method = "eigen_topk"
+    BLOCK = 1 << 16
 
     def __init__(self, out_dim: int, in_dim: int, reduction: float, itemsize: int) -> None:
         super().__init__(out_dim, in_dim, reduction, itemsize)
-        self.k = min(out_dim * in_dim, max(1, round(self.budget / (itemsize + 4))))
+        self.blocks = -(-out_dim * in_dim // self.BLOCK)
+        self.k = min(out_dim * in_dim, max(1, round((self.budget - 4 * self.blocks) / (itemsize + 2))))
 
     def sizes(self) -> dict[str, int]:
         return {"k": self.k}
 
     def bytes_per_sequence(self, itemsize: int, scaled: bool) -> int:
-        return self.k * (itemsize + 4) + 4 * scaled
+        return self.k * (itemsize + 2) + 4 * self.blocks + 4 * scaled
 
     def setup(self, lam, selection_damping, generator):
         lam = lam.reshape(-1)
-        return {"weight": lam / (lam + selection_damping) ** 2}
+        return {"weight": (lam / (lam + selection_damping) ** 2).float()}
+
+    def select(self, r: torch.Tensor, aux: dict[str, torch.Tensor], k: int | None = None) -> torch.Tensor:
+        """The positions kept of each R [B, O·I], largest weight first, [B, k]."""
+        weight = aux["weight"].to(device=r.device, dtype=r.dtype)
+        return torch.topk(r.square() * weight, k or self.k, dim=1, sorted=True).indices
+
+    def arrays(self, r: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored arrays of R [B, O·I] at the positions idx [B, k] (any order)."""
+        idx = idx.sort(dim=1).values
+        block = idx // self.BLOCK
+        count = torch.zeros(idx.shape[0], self.blocks, dtype=torch.int32, device=idx.device)
+        count.scatter_add_(1, block, torch.ones_like(block, dtype=torch.int32))
+        return {"values": r.gather(1, idx), "offset": (idx % self.BLOCK - (1 << 15)).to(torch.int16), "count": count}
+
+    def positions(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The positions in O·I of the stored values, [n, k] (int64)."""
+        offset, count = arrays["offset"].long() + (1 << 15), arrays["count"].long()
+        ends = count.cumsum(1)  # [n, blocks]
+        slot = torch.arange(offset.shape[1], device=offset.device).expand_as(offset).contiguous()
+        return torch.searchsorted(ends, slot, right=True) * self.BLOCK + offset
 
     def encode(self, a, ds, basis, aux):
         r = basis.rotate(a, ds).reshape(a.shape[0], -1)  # [B, O·I]
-        weight = aux["weight"].to(device=r.device, dtype=r.dtype)
-        idx = torch.topk(r.square() * weight, self.k, dim=1, sorted=False).indices.sort(dim=1).values  # [B, k]
-        return {"values": r.gather(1, idx), "index": idx.to(torch.int32)}
+        return self.arrays(r, self.select(r, aux))
 
     def prepare(self, query, aux):
         return query.m.reshape(query.m.shape[0], -1)  # [Q, O·I]
 
     def score(self, prepared, arrays):
-        values, idx = arrays["values"].to(prepared.dtype), arrays["index"].long()
+        values, idx = arrays["values"].to(prepared.dtype), self.positions(arrays)
         n, k = values.shape
         out = []
         for sl in cm.batch_chunks(n, prepared.shape[0] * k):
@@ -248,6 +273,38 @@ class Svd(Codec):
             r_hat = (u[sl] * s[sl].unsqueeze(1)) @ v[sl].transpose(1, 2)  # [n', O, I]
             out.append(prepared @ r_hat.reshape(r_hat.shape[0], -1).T)
         return torch.cat(out, dim=1)
+
+
+class WhitenedSvd(Svd):
+    """The best rank-r factors of R' = diag(α) R diag(β), R whitened by the Kronecker-structured weights αβᵀ
+    closest to (Λ + λ)^(-1/2) (its leading singular pair): a low-rank fit in (nearly) the metric the
+    preconditioned inner product measures, where the plain SVD spends its rank on high-curvature
+    directions that preconditioning then divides away. Queries contract as M ⊘ (αβᵀ)."""
+
+    method = "whitened_svd"
+
+    def setup(self, lam, selection_damping, generator):
+        w = (lam + selection_damping).rsqrt()  # [O, I], positive
+        alpha = torch.ones(lam.shape[0], dtype=lam.dtype)
+        for _ in range(100):  # power iteration: the leading singular pair of a positive matrix is positive
+            beta = w.T @ alpha
+            beta /= beta.norm()
+            alpha = w @ beta
+        return {"alpha": alpha, "beta": beta}
+
+    def _scales(self, aux, like):
+        return (aux[k].to(device=like.device, dtype=like.dtype) for k in ("alpha", "beta"))
+
+    def encode(self, a, ds, basis, aux):
+        alpha, beta = self._scales(aux, a)
+        a_rot = a if basis.q_a is None else a @ basis.q_a  # [B, T, I]: ā in the eigenbasis
+        ds_rot = ds if basis.q_s is None else ds @ basis.q_s  # [B, T, O]
+        u, s, v = truncated_svd(a_rot * beta, ds_rot * alpha, self.r)
+        return {"u": u, "s": s, "v": v}
+
+    def prepare(self, query, aux):
+        alpha, beta = self._scales(aux, query.m)
+        return (query.m / torch.outer(alpha, beta)).reshape(query.m.shape[0], -1)  # [Q, O·I]
 
 
 def truncated_svd(a: torch.Tensor, ds: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,8 +350,8 @@ class RandomProjection(Codec):
         return self.k_out * self.k_in * itemsize + 4 * scaled
 
     def setup(self, lam, selection_damping, generator):
-        def gaussian(k: int, d: int) -> torch.Tensor:
-            return torch.randn(k, d, generator=generator, dtype=torch.float64) / math.sqrt(k)
+        def gaussian(k: int, d: int) -> torch.Tensor:  # drawn in float64, kept in float32 (they are random anyway)
+            return (torch.randn(k, d, generator=generator, dtype=torch.float64) / math.sqrt(k)).float()
 
         return {"proj_out": gaussian(self.k_out, self.out_dim), "proj_in": gaussian(self.k_in, self.in_dim)}
 
@@ -308,7 +365,7 @@ class RandomProjection(Codec):
         return (p_out @ p @ p_in.T).reshape(p.shape[0], -1)  # [Q, k_o·k_i]
 
 
-CODECS: dict[str, type[Codec]] = {c.method: c for c in (Eigen, EigenTopk, Svd, RandomProjection, Full)}
+CODECS: dict[str, type[Codec]] = {c.method: c for c in (Eigen, EigenTopk, Svd, WhitenedSvd, RandomProjection, Full)}
 
 
 def make_codec(method: str, out_dim: int, in_dim: int, reduction: float, itemsize: int) -> Codec:

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 from ..config import Serializable, check_choice, check_number, option
 from ..errors import ConfigError
 
-Method = Literal["eigen", "eigen_topk", "svd", "random", "full"]
+Method = Literal["eigen", "eigen_topk", "svd", "whitened_svd", "random", "full"]
 StorageDtype = Literal["float16", "bfloat16", "float32", "float64"]
 
 METHODS: tuple[str, ...] = get_args(Method)
