@@ -135,8 +135,9 @@ class Sweep:
             codecs = {red: self.plans[("eigen_topk", red)].codecs[name] for red in self.reductions}
             aux = self.plans[("eigen_topk", self.reductions[0])].aux[name]
             top = codecs[self.reductions[0]].select(r_full, aux, max(c.k for c in codecs.values()))  # largest weight first
+            m_t = m.T.contiguous()  # the codec's prepare
             for red, codec in codecs.items():
-                yield self._checked("eigen_topk", red, name, cap, basis, codec.arrays(r_full, top[:, : codec.k]), m)
+                yield self._checked("eigen_topk", red, name, cap, basis, codec.arrays(r_full, top[:, : codec.k]), m_t)
         if "svd" in self.methods:
             codecs = {red: self.plans[("svd", red)].codecs[name] for red in self.reductions}
             u, s, v = truncated_svd(a_rot, ds_rot, max(c.r for c in codecs.values()))  # the SVD of R: DW's, rotated

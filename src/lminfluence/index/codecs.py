@@ -110,6 +110,10 @@ class Codec:
         """The queries in the form ``score`` contracts with the stored arrays."""
         raise NotImplementedError
 
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The prepared form of all queries from those of consecutive query batches."""
+        return torch.cat(parts)
+
     def score(self, prepared: torch.Tensor, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
         """Approximate ⟨P_q, DW_z⟩ for every query and stored sequence, [Q, n]."""
         return _dot(prepared, arrays["values"])
@@ -227,16 +231,19 @@ class EigenTopk(Codec):
         return self.arrays(r, self.select(r, aux))
 
     def prepare(self, query, aux):
-        return query.m.reshape(query.m.shape[0], -1)  # [Q, O·I]
+        return query.m.reshape(query.m.shape[0], -1).T.contiguous()  # [O·I, Q]: a position's Q values side by side
+
+    def join(self, parts):
+        return torch.cat(parts, dim=1)
 
     def score(self, prepared, arrays):
         values, idx = arrays["values"].to(prepared.dtype), self.positions(arrays)
         n, k = values.shape
         out = []
-        for sl in cm.batch_chunks(n, prepared.shape[0] * k):
-            picked = prepared[:, idx[sl].reshape(-1)].view(prepared.shape[0], -1, k)  # [Q, n', k]
-            out.append((picked * values[sl]).sum(-1))
-        return torch.cat(out, dim=1)
+        for sl in cm.batch_chunks(n, prepared.shape[1] * k):
+            picked = prepared.index_select(0, idx[sl].reshape(-1)).view(-1, k, prepared.shape[1])  # [n', k, Q]
+            out.append(torch.bmm(values[sl].unsqueeze(1), picked).squeeze(1))  # [n', Q]
+        return torch.cat(out).T  # [Q, n]
 
 
 class Svd(Codec):

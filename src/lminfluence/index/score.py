@@ -88,7 +88,7 @@ def score_with_index(
         like = captures[0][name][0]
         basis = LayerBasis.of(factors.curvature, name, like)
         aux_here = {k: t.to(like.device) for k, t in aux.items()}
-        prepared = torch.cat([codec.prepare(QueryGradients(c[name][0], c[name][1], basis, dampings[name]), aux_here) for c in captures])
+        prepared = codec.join([codec.prepare(QueryGradients(c[name][0], c[name][1], basis, dampings[name]), aux_here) for c in captures])
         layer = torch.zeros_like(total)
         for shard in index.shards:
             arrays = {k: t.to(like.device) for k, t in unpack(index.read(shard, name), dtype).items()}
