@@ -94,12 +94,12 @@ def precondition_queries(
 
     Args:
         curvature_data: the training examples LiSSA draws its Gauss–Newton products from
-            (needed, and only used, with ``strategy="lissa"``).
+            (needed, and only used, with ``strategy="lissa"`` or ``config.refine="cg"``).
         meta: when given, the preconditioner's diagnostics are added to it (LiSSA's α, μ̂_max).
     """
     modules, dampings, task, _ = _setup(model, factors, config, task)
     queries = as_reiterable(queries, "queries")
-    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
+    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data, config, execution.batch_size)
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, execution.query_batch_size, "measurement", desc="queries"):
             pre.add(bc.captures)
@@ -132,8 +132,8 @@ def compute_scores(
     batches with one forward and one backward pass each, the backward reaching
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
-    With ``strategy="lissa"`` the Gauss–Newton products are drawn from
-    ``curvature_data`` (default: ``train``).
+    With ``strategy="lissa"`` or ``config.refine="cg"`` the Gauss–Newton products
+    are formed over ``curvature_data`` (default: ``train``).
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
@@ -207,6 +207,8 @@ def compute_self_scores(
     """
     if config.per_token:
         raise InputError("per_token is not defined for self-influence; use per_layer")
+    if config.refine != "none":
+        raise InputError("refine applies to queries (one solve each), not to self-influence: use refine='none'")
     modules, dampings, task, meta = _setup(model, factors, config, task)
     curvature = factors.curvature
     totals: list[torch.Tensor] = []
