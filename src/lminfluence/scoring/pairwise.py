@@ -129,16 +129,21 @@ def precondition_queries(
 
     Args:
         curvature_data: the training examples LiSSA draws its Gauss–Newton products from
-            (needed, and only used, with ``strategy="lissa"``).
+            (needed, and only used, with ``strategy="lissa"`` or ``config.refine="cg"``).
         meta: when given, the preconditioner's diagnostics are added to it (LiSSA's α, μ̂_max).
     """
     modules, dampings, task, _ = _setup(model, factors, config, task)
     queries = as_reiterable(queries, "queries")
-    if execution.query_batch_size is None:
-        execution, _ = _sizes(model, factors, config, execution, task, queries=queries, stages=("precondition",))
+    refining = config.refine != "none" and curvature_data is not None  # CG's products pass over the training data
+    if execution.query_batch_size is None or (refining and execution.batch_size is None):
+        stages = ("precondition", "score") if refining else ("precondition",)
+        if refining:
+            curvature_data = as_reiterable(curvature_data, "curvature_data")
+        execution, _ = _sizes(model, factors, config, execution, task, train=curvature_data if refining else None, queries=queries, stages=stages)
     if execution.offload_factors:  # no device copies of the factors kept: one layer at a time
         factors.curvature.offload = True
-    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
+    batch_size = _size(execution.batch_size) if refining else execution.batch_size or 1
+    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data, config, batch_size)
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, _size(execution.query_batch_size), "measurement", autocast=half_autocast(model), desc="queries"):
             pre.add(bc.captures)
@@ -171,8 +176,8 @@ def compute_scores(
     batches with one forward and one backward pass each, the backward reaching
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
-    With ``strategy="lissa"`` the Gauss–Newton products are drawn from
-    ``curvature_data`` (default: ``train``).
+    With ``strategy="lissa"`` or ``config.refine="cg"`` the Gauss–Newton products
+    are formed over ``curvature_data`` (default: ``train``).
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
@@ -281,6 +286,8 @@ def compute_self_scores(
     """
     if config.per_token:
         raise InputError("per_token is not defined for self-influence; use per_layer")
+    if config.refine != "none":
+        raise InputError("refine applies to queries (one solve each), not to self-influence: use refine='none'")
     modules, dampings, task, meta = _setup(model, factors, config, task)
     train = as_reiterable(train, "train")
     if execution.batch_size is None:
