@@ -37,14 +37,15 @@ from ..curvature.base import Curvature
 @dataclass
 class LayerBasis:
     """One layer's EK-FAC eigenbasis in the compute dtype and device: Q_A [I, I], Q_S [O, O] (None: the
-    parameter basis, as for the diagonal strategy) and Λ [O, I]."""
+    parameter basis, as for the diagonal strategy) and Λ [O, I].
+    """
 
     q_a: torch.Tensor | None
     q_s: torch.Tensor | None
     lam: torch.Tensor
 
     @classmethod
-    def of(cls, curvature: Curvature, name: str, like: torch.Tensor) -> "LayerBasis":
+    def of(cls, curvature: Curvature, name: str, like: torch.Tensor) -> LayerBasis:
         q_a, q_s = curvature.bases(name, like)
         lam = curvature.state[name]["lambda"].to(device=like.device, dtype=like.dtype)
         return cls(q_a, q_s, lam)
@@ -248,7 +249,8 @@ class EigenTopk(Codec):
 
 class Svd(Codec):
     """DW ≈ U diag(σ) Vᵀ of rank r, the best such (Eckart–Young), kept rotated into the eigenbasis
-    (Q_Sᵀ U, Q_Aᵀ V: the same approximation of R = Q_Sᵀ DW Q_A, so queries contract with M)."""
+    (Q_Sᵀ U, Q_Aᵀ V: the same approximation of R = Q_Sᵀ DW Q_A, so queries contract with M).
+    """
 
     method = "svd"
 
@@ -286,7 +288,8 @@ class WhitenedSvd(Svd):
     """The best rank-r factors of R' = diag(α) R diag(β), R whitened by the Kronecker-structured weights αβᵀ
     closest to (Λ + λ)^(-1/2) (its leading singular pair): a low-rank fit in (nearly) the metric the
     preconditioned inner product measures, where the plain SVD spends its rank on high-curvature
-    directions that preconditioning then divides away. Queries contract as M ⊘ (αβᵀ)."""
+    directions that preconditioning then divides away. Queries contract as M ⊘ (αβᵀ).
+    """
 
     method = "whitened_svd"
 

@@ -74,7 +74,8 @@ def examples_digest(examples: Iterable[Mapping[str, Any]]) -> str:
 
 def factors_fingerprint(factors: Factors) -> str:
     """Identifies fitted factors: their model's fingerprint, strategy, settings, counts, and a strided sample
-    of every tensor (4096 values each; any refit on other data or settings changes it, at little cost)."""
+    of every tensor (4096 values each; any refit on other data or settings changes it, at little cost).
+    """
     h = hashlib.sha256()
     h.update(json.dumps([factors.fingerprint, factors.strategy, factors.config.to_dict(), factors.num_tokens, factors.num_sequences]).encode())
     for key, t in sorted(factors.curvature.state_dict().items()):
@@ -142,7 +143,7 @@ class IndexFiles:
         return manifest
 
     @classmethod
-    def create(cls, path: str | Path, manifest: dict[str, Any]) -> "IndexFiles":
+    def create(cls, path: str | Path, manifest: dict[str, Any]) -> IndexFiles:
         """Open ``path`` for building with ``manifest``: written if absent, else it must be the same (StaleError)."""
         path = Path(path)
         if (path / MANIFEST).is_file():

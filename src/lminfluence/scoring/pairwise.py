@@ -137,7 +137,7 @@ def precondition_queries(
     refining = config.refine != "none" and curvature_data is not None  # CG's products pass over the training data
     if execution.query_batch_size is None or (refining and execution.batch_size is None):
         stages = ("precondition", "score") if refining else ("precondition",)
-        if refining:
+        if refining and curvature_data is not None:
             curvature_data = as_reiterable(curvature_data, "curvature_data")
         execution, _ = _sizes(model, factors, config, execution, task, train=curvature_data if refining else None, queries=queries, stages=stages)
     if execution.offload_factors:  # no device copies of the factors kept: one layer at a time
@@ -244,8 +244,8 @@ def score_preconditioned(
     token_parts: list[torch.Tensor] = []
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="score"):
-            batch_total = 0
-            batch_tokens = 0
+            batch_total: torch.Tensor | None = None
+            batch_tokens: torch.Tensor | None = None
             for name, cap in bc.captures.items():
                 B, T, I = cap.a.shape
                 if name not in keep:
@@ -254,14 +254,18 @@ def score_preconditioned(
                     spare -= lq.expanded_bytes if keep[name] and lq.dense is None else 0
                 algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm, B, keep[name])
                 tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm, keep[name])
-                batch_total = batch_total + tot
+                batch_total = tot if batch_total is None else batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())
                 if config.per_token:
-                    batch_tokens = batch_tokens + tok
-            totals.append(batch_total.cpu())  # type: ignore[union-attr]
-            if config.per_token:
-                token_parts.append(batch_tokens.cpu())  # type: ignore[union-attr]
+                    if tok is None:
+                        raise RuntimeError(f"no per-token scores from the {algorithm!r} algorithm (a bug in lminfluence)")
+                    batch_tokens = tok if batch_tokens is None else batch_tokens + tok
+            if batch_total is None:
+                raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
+            totals.append(batch_total.cpu())
+            if config.per_token and batch_tokens is not None:
+                token_parts.append(batch_tokens.cpu())
     return Scores(
         total=torch.cat(totals, dim=1),
         per_layer={n: torch.cat(p, dim=1) for n, p in layer_parts.items()} if config.per_layer else None,
@@ -299,13 +303,15 @@ def compute_self_scores(
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="self-influence"):
-            batch_total = 0
+            batch_total: torch.Tensor | None = None
             for name, cap in bc.captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]
-                batch_total = batch_total + tot
+                batch_total = tot if batch_total is None else batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())
-            totals.append(batch_total.cpu())  # type: ignore[union-attr]
+            if batch_total is None:
+                raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
+            totals.append(batch_total.cpu())
     return Scores(
         total=torch.cat(totals),
         per_layer={n: torch.cat(p) for n, p in layer_parts.items()} if config.per_layer else None,

@@ -158,7 +158,7 @@ class Composite:
                 parts[attr] = part(**kwargs[attr])
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{where}: {e}") from e
-        return cls(**parts)  # type: ignore[call-arg]
+        return cls(**parts)
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class RunConfig:
         if not data.get("run_dir") or not isinstance(data["run_dir"], str):
             raise ConfigError(f"{where}: run_dir is required (--run-dir)")
 
-        def simple(section: type, name: str):
+        def simple(section: Any, name: str):
             try:
                 return section.from_dict(_from_keys(section, data.get(name) or {}))
             except ConfigError as e:

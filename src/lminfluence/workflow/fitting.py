@@ -21,9 +21,9 @@ from .. import distributed as dist
 from ..corpus.readers import read_documents
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors, load_factors
-from ..fitting import fit_factors
 from ..errors import InputError, StaleError
 from ..fingerprint import model_fingerprint, tokenizer_fingerprint
+from ..fitting import fit_factors
 from ..hooks.modules import resolve_modules
 from ..storage import layout
 from ..task.causal_lm import CausalLMTask
