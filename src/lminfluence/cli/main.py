@@ -31,6 +31,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", "-o", dest="run_dir", help="the run directory (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="recompute, replacing what --run-dir holds once the new results are complete")
     p.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print the memory and time each stage will need and the batch sizes picked for the budget (--memory-gib), then stop; writes nothing",
+    )
 
 
 def _positive(text: str) -> int:
@@ -159,6 +163,11 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
 
     config = resolve(args, args.command)
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        print(dry_run(config, args.command, args.overwrite))
+        return 0
     if dist.init(_device(config)) and not dist.is_main():  # under torchrun rank 0 alone logs, draws bars and prints
         silence()
     elif dist.is_main():

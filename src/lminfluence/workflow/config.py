@@ -168,7 +168,7 @@ class FitSection(Composite):
     factors: FactorConfig = field(default_factory=FactorConfig)
     execution: Execution = field(default_factory=Execution)
 
-    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib"))}
+    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib", "memory_gib", "checkpoint_seconds"))}
     FLAGS = {"batch_size": "--fit-batch-size"}
 
 
@@ -185,7 +185,7 @@ class ScoreSection(Composite):
         "files": (ScoreFiles, None),
         "scoring": (ScoreConfig, None),
         "stages": (TwoStageConfig, None),
-        "execution": (Execution, ("batch_size", "query_batch_size")),
+        "execution": (Execution, ("batch_size", "query_batch_size", "memory_gib", "offload_factors")),
     }
     FLAGS = {"batch_size": "--score-batch-size"}
 

@@ -112,7 +112,7 @@ class RunDir:
         """How ``config`` differs from the finished run of ``stage`` (execution settings aside: they change no result)."""
         saved = self.saved_config() or {}
         new = config.to_dict()
-        ignore = {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds"}
+        ignore = {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors"}
         return [
             f"{section}.{key}: {(saved.get(section) or {}).get(key)!r} → {value!r}"
             for section in STAGES[stage].sections
