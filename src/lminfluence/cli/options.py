@@ -18,13 +18,14 @@ from ..workflow.config import (
     Composite,
     CorpusSection,
     FitSection,
+    IndexSection,
     ModelSection,
     ScoreSection,
     flag_of,
     key_of,
 )
 
-SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection}
+SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection, "index": IndexSection}
 
 
 @dataclass(frozen=True)

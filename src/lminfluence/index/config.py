@@ -41,7 +41,7 @@ class IndexConfig(Serializable):
         shard_mib: target size of one shard file (the unit of resuming).
     """
 
-    method: Method = option("eigen", "compression: eigen, eigen_topk, svd, random or full (exact)")
+    method: Method = option("eigen", "compression: eigen, eigen_topk, svd, whitened_svd, random or full (exact)")
     reduction: float = option(50.0, "store 1/reduction of each sequence's gradient (not used by full)")
     dtype: StorageDtype = option("float16", "storage type of the coefficients: float16, bfloat16, float32, float64")
     damping_scale: float = option(0.1, "relative damping of eigen_topk's selection weights")
