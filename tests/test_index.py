@@ -88,13 +88,18 @@ def brute_force_scores(setup, method: str, reduction: float) -> torch.Tensor:
                 elif method == "svd":  # Eckart–Young: the truncated SVD of DW
                     u, s, vh = torch.linalg.svd(dw)
                     total[i, j] += (p * ((u[:, : codec.r] * s[: codec.r]) @ vh[: codec.r])).sum()
+                elif method == "whitened_svd":  # the truncated SVD of R' = diag(α) R diag(β), unwhitened, against M
+                    alpha, beta = plan.aux[name]["alpha"].double(), plan.aux[name]["beta"].double()
+                    u, s, vh = torch.linalg.svd(alpha[:, None] * (q_s.T @ dw @ q_a) * beta[None, :])
+                    r_hat = ((u[:, : codec.r] * s[: codec.r]) @ vh[: codec.r]) / torch.outer(alpha, beta)
+                    total[i, j] += (m * r_hat).sum()
                 elif method == "random":  # ⟨Π_out P Π_inᵀ, Π_out DW Π_inᵀ⟩ with the index's own projections
                     p_out, p_in = plan.aux[name]["proj_out"].double(), plan.aux[name]["proj_in"].double()
                     total[i, j] += ((p_out @ p @ p_in.T) * (p_out @ dw @ p_in.T)).sum()
     return total
 
 
-@pytest.mark.parametrize("method", ["eigen", "eigen_topk", "svd", "random"])
+@pytest.mark.parametrize("method", ["eigen", "eigen_topk", "svd", "whitened_svd", "random"])
 def test_each_compression_equals_its_definition(setup, tmp_path, method):
     """Stored in float64, each compression's scores equal its dense brute-force definition (1e-10 relative);
     reduction 4 keeps a quarter of the bytes, so the approximation is far from exact (checked too)."""
