@@ -262,3 +262,20 @@ def test_index_and_score_index_refuse_what_they_cannot_use(inputs, fitted, tmp_p
     before = snapshot(run)
     assert main(["index", "-o", str(run), "-q"]) == 2
     assert "eigenbasis" in capsys.readouterr().err and snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_index_under_torchrun_writes_the_single_process_files(fitted, indexed, tmp_path):
+    """Under torchrun, `lminfluence index` writes the files of one process.
+
+    `torchrun --nproc-per-node 2`: each rank writes its own shards (cells c with c mod 2 = rank) into the shared
+    staging folder, rank 0 commits; the same batches give the very files of one process (about 30 s).
+    """
+    from test_torchrun import torchrun
+
+    run = copy_of(fitted, tmp_path / "run")
+    done = torchrun("index", "-o", str(run), *INDEX_ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("index:") == 1
+    assert files(run / layout.INDEX_DIR) == files(indexed / layout.INDEX_DIR)
+    assert not (run / layout.STAGING_DIR).exists()
