@@ -47,7 +47,7 @@ class LayerBasis:
     def of(cls, curvature: Curvature, name: str, like: torch.Tensor) -> "LayerBasis":
         q_a, q_s = curvature.bases(name, like)
         lam = curvature.state[name]["lambda"].to(device=like.device, dtype=like.dtype)
-        return cls(q_a, q_s, lam)
+        return cls(dense(q_a), dense(q_s), lam)
 
     def rotate(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
         """R = Q_Sᵀ DW Q_A per sequence, [B, O, I]."""
@@ -55,7 +55,12 @@ class LayerBasis:
 
     def to_parameters(self, m: torch.Tensor) -> torch.Tensor:
         """Q_S M Q_Aᵀ for M [..., O, I] in the eigenbasis."""
-        return m if self.q_a is None else self.q_s @ m @ self.q_a.T
+        return m if self.q_a is None or self.q_s is None else self.q_s @ m @ self.q_a.T
+
+
+def dense(q: cm.Basis | None) -> torch.Tensor | None:
+    """A basis as one matrix: block-diagonal factors (``FactorConfig.blocks``) come as a tuple of blocks, in order."""
+    return torch.block_diag(*q) if isinstance(q, tuple) else q
 
 
 class QueryGradients:
@@ -376,6 +381,7 @@ CODECS: dict[str, type[Codec]] = {c.method: c for c in (Eigen, EigenTopk, Svd, W
 
 
 def make_codec(method: str, out_dim: int, in_dim: int, reduction: float, itemsize: int) -> Codec:
+    """The codec of ``method`` for an O × I layer at 1/``reduction`` of its size in ``itemsize``-byte values."""
     return CODECS[method](out_dim, in_dim, reduction, itemsize)
 
 

@@ -55,6 +55,7 @@ def remove_temporary_files(path: str | Path) -> None:
 
 
 def shard_name(start: int, end: int) -> str:
+    """The file name of the shard of sequences [start, end)."""
     return f"{start:010d}-{end:010d}.safetensors"
 
 
@@ -99,7 +100,8 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    """CRC-32 of a tensor's bytes."""
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 @dataclass(frozen=True)
