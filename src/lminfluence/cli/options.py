@@ -18,13 +18,14 @@ from ..workflow.config import (
     Composite,
     CorpusSection,
     FitSection,
+    IndexSection,
     ModelSection,
     ScoreSection,
     flag_of,
     key_of,
 )
 
-SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection}
+SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection, "index": IndexSection}
 SHARED = frozenset({"memory_gib"})  # keys of several sections that one flag sets in each
 
 
