@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from dist_helpers import run_ranks
 
 
@@ -89,3 +90,55 @@ def test_two_stage_scores_do_not_depend_on_the_number_of_processes():
             np.testing.assert_array_equal(i1, i2)
             for a, b in ((t1, t2), (l1, l2), (k1, k2)):
                 np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(t1).max())
+
+
+# ------------------------------------------------------------------ fitting
+
+
+def _fit_all(strategies):
+    return {s: _fit(s) for s in strategies}
+
+
+def _fit(strategy: str):
+    """Factors of a tiny float64 Llama (gated MLP: a shared A) fitted on 23 sequences, batch 4; every tensor, counts, and P = (G+λI)⁻¹V of fixed V."""
+    import torch
+    from helpers import random_sequences, tiny_llama
+
+    import lminfluence as li
+
+    model, train = tiny_llama(layers=2), random_sequences(23)
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=4))
+    g = torch.Generator().manual_seed(0)
+    applied = {}
+    for name, info in factors.layers.items():
+        v = torch.randn(3, info.out_features, info.in_features + int(info.bias), generator=g, dtype=torch.float64)
+        applied[name] = factors.curvature.precondition(name, v, 0.1 * factors.curvature.mean_eigenvalue(name))
+    return {"state": factors.curvature.state_dict(), "counts": (factors.num_tokens, factors.num_sequences), "applied": applied}
+
+
+def _same_factors(one, got, rtol=1e-10):
+    """Eigenvalues and Λ within ``rtol``; eigenvectors up to each column's sign (eigh's choice); the preconditioner applied to V within ``rtol``."""
+    import torch
+
+    assert got["counts"] == one["counts"]
+    assert set(got["state"]) == set(one["state"])
+    for key, a in one["state"].items():
+        b = got["state"][key]
+        if "::q_" in key:  # a column's sign is eigh's free choice: align it
+            b = b * torch.sign((a * b).sum(0))
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * a.abs().max(), msg=key)
+    for name, a in one["applied"].items():
+        torch.testing.assert_close(got["applied"][name], a, rtol=rtol, atol=rtol * a.abs().max(), msg=name)
+
+
+def test_fit_does_not_depend_on_the_number_of_processes():
+    """Two ranks fitting halves of the data (their sums added in float64, eigendecompositions spread over ranks
+    and broadcast) give the one-process factors on a float64 model: only the order of float64 additions differs
+    (~1e-16 relative), so 1e-10 relative is loose yet far below any real difference; both ranks return the same factors."""
+    strategies = ("ekfac", "kfac", "diagonal")
+    results = run_ranks(_fit_all, strategies)
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for strategy in strategies:
+        one = _fit(strategy)
+        for _, got in results:
+            _same_factors(one, got[strategy])

@@ -105,17 +105,47 @@ def owner(index: int) -> int:
     return index % world_size()
 
 
+def span(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of ``n`` items (balanced: sizes differ by at most one; rank order)."""
+    r, w = rank(), world_size()
+    return n * r // w, n * (r + 1) // w
+
+
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+BUCKET_BYTES = 64 * 2**20  # small tensors are summed together in flat buffers of at most this size
+
+
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` over all ranks, in place (as float64, whatever their dtype), in one flattened collective."""
+    """Sum ``tensors`` over all ranks, in place, as float64 whatever their dtype.
+
+    Small tensors travel together in flat buffers of at most ``BUCKET_BYTES``; a larger one that
+    is float64 already, contiguous and on the collective's device is summed where it is (no copy),
+    so that the running sums of a fit need no second copy of themselves.
+    """
     if not active() or not tensors:
         return
     device = _device_of(tensors)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if t.dtype == torch.float64 and t.is_contiguous() and t.device == device and t.numel() * 8 > BUCKET_BYTES:
+            dist.all_reduce(t)
+            continue
+        if bucket and (size + t.numel()) * 8 > BUCKET_BYTES:
+            _reduce_flat(bucket, device)
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        _reduce_flat(bucket, device)
+
+
+def _reduce_flat(tensors: list[torch.Tensor], device: torch.device) -> None:
     flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
     dist.all_reduce(flat)
     offset = 0
@@ -123,6 +153,29 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
         offset += n
+
+
+def gather_cat(t: torch.Tensor, dim: int, pad_dims: Sequence[int] = ()) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along ``dim`` in rank order (on every rank, on ``t``'s device).
+
+    Sizes along ``dim`` may differ between ranks; so may those along ``pad_dims``, which are
+    zero-padded to the largest. All other sizes and the dtype must agree.
+    """
+    if not active():
+        return t
+    shapes = all_gather_objects(tuple(t.shape))
+    dim = dim % t.dim()
+    full = [max(s[d] for s in shapes) if d == dim or d in {p % t.dim() for p in pad_dims} else t.shape[d] for d in range(t.dim())]
+    device = _device_of([t])
+    padded = torch.zeros(full, dtype=t.dtype, device=device)
+    padded[tuple(slice(0, n) for n in t.shape)] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(parts, padded)
+    trimmed = []
+    for part, shape in zip(parts, shapes):
+        keep = [slice(0, shape[d]) if d == dim else slice(None) for d in range(t.dim())]
+        trimmed.append(part[tuple(keep)])
+    return torch.cat(trimmed, dim=dim).to(t.device)
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], src: int) -> None:
@@ -201,7 +254,9 @@ __all__ = [
     "shutdown",
     "shard",
     "owner",
+    "span",
     "all_reduce_sum_",
+    "gather_cat",
     "broadcast_",
     "all_gather_objects",
     "broadcast_object",
