@@ -142,3 +142,81 @@ def test_fit_does_not_depend_on_the_number_of_processes():
         one = _fit(strategy)
         for _, got in results:
             _same_factors(one, got[strategy])
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _scores(dtype_name: str):
+    """Fit EK-FAC and score on a tiny GPT-2 (40 sequences, 6 queries, batch 4): full rank with per-layer and
+    per-token scores, rank 2, and self-influence with per-layer scores."""
+    import torch
+    from helpers import random_queries, random_sequences, tiny_gpt2
+
+    import lminfluence as li
+
+    model, train, queries = tiny_gpt2(layers=2, dtype=getattr(torch, dtype_name)), random_sequences(40), random_queries(6)
+    ex = li.Execution(batch_size=4, query_batch_size=2)
+    factors = li.fit_factors(model, train, execution=ex)
+    full = li.compute_scores(model, factors, queries, train, li.ScoreConfig(per_layer=True, per_token=True), execution=ex)
+    low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=2), execution=ex)
+    own = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True), execution=ex)
+    out = {"full": full.total, "low": low.total, "self": own.total, "tokens": full.per_token}
+    out.update({f"layer {n}": t for n, t in full.per_layer.items()})
+    out.update({f"self layer {n}": t for n, t in own.per_layer.items()})
+    return {k: v.double().numpy() for k, v in out.items()}
+
+
+def test_scores_do_not_depend_on_the_number_of_processes():
+    """Queries preconditioned by shares on each rank and broadcast, the training set scored in two contiguous
+    halves and gathered: every rank returns the one-process scores (total, rank 2, per layer, per token,
+    self-influence) on a float64 model to 1e-10 relative (only float64 rounding of the factors' sums differs)."""
+    import numpy as np
+
+    one = _scores("float64")
+    results = run_ranks(_scores, "float64")
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for _, got in results:
+        assert set(got) == set(one)
+        for key, a in one.items():
+            assert got[key].shape == a.shape, key
+            np.testing.assert_allclose(got[key], a, rtol=1e-10, atol=1e-10 * np.abs(a).max(), err_msg=key)
+
+
+def test_float32_scores_match_one_process_closely():
+    """On a float32 model the batches of two ranks are padded differently from one process's, so sums round
+    differently (~1e-7 relative): per query, scores correlate with the one-process ones at Pearson ≥ 0.99999
+    and the top 10 training sequences are the same, in the same order."""
+    import numpy as np
+
+    one = _scores("float32")
+    results = run_ranks(_scores, "float32")
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for _, got in results:
+        for key in ("full", "low"):
+            for q, (a, b) in enumerate(zip(one[key], got[key])):
+                assert np.corrcoef(a, b)[0, 1] >= 0.99999, (key, q)
+                np.testing.assert_array_equal(np.argsort(-b, kind="stable")[:10], np.argsort(-a, kind="stable")[:10], err_msg=f"{key} query {q}")
+        assert np.corrcoef(one["self"], got["self"])[0, 1] >= 0.99999
+
+
+def _fit_with_a_bad_sequence():
+    """A token id beyond the vocabulary in the last sequence: only the last rank's shard holds it."""
+    import torch
+    from helpers import random_sequences, tiny_gpt2
+
+    import lminfluence as li
+
+    train = random_sequences(12)
+    train[-1] = {"input_ids": torch.tensor([1, 2, 999])}
+    li.fit_factors(tiny_gpt2(layers=1), train, execution=li.Execution(batch_size=2))
+    return "unreachable"
+
+
+def test_an_error_in_one_ranks_fit_stops_every_rank():
+    """The failing rank raises its own error; the other finishes its pass, learns of it at the pass's
+    synchronisation and raises DistributedError naming the rank and the error, instead of waiting forever."""
+    (s0, m0), (s1, m1) = run_ranks(_fit_with_a_bad_sequence)
+    assert (s0, s1) == ("error", "error")
+    assert m1.startswith("InputError: token id 999 is outside the model's vocabulary"), m1
+    assert m0.startswith(f"DistributedError: rank 1 failed: {m1}"), m0

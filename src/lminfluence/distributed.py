@@ -17,9 +17,10 @@ all raise ``DistributedError`` with the failing rank's message (a rank that died
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -109,6 +110,26 @@ def span(n: int) -> tuple[int, int]:
     """This rank's contiguous share [lo, hi) of ``n`` items (balanced: sizes differ by at most one; rank order)."""
     r, w = rank(), world_size()
     return n * r // w, n * (r + 1) // w
+
+
+class Slice:
+    """Items lo, …, hi - 1 of ``data`` (indexed when it can be, else iterated): a rank's contiguous shard."""
+
+    def __init__(self, data: Iterable[T], lo: int, hi: int) -> None:
+        self.data, self.lo, self.hi = data, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i: int) -> T:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.data[self.lo + i]  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[T]:
+        if hasattr(self.data, "__getitem__"):
+            return (self.data[i] for i in range(self.lo, self.hi))  # type: ignore[index]
+        return itertools.islice(self.data, self.lo, self.hi)
 
 
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
@@ -255,6 +276,7 @@ __all__ = [
     "shard",
     "owner",
     "span",
+    "Slice",
     "all_reduce_sum_",
     "gather_cat",
     "broadcast_",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +66,6 @@ class CaptureCache:
         items, self.items = deque(self.items or []), None  # each batch is freed once replayed
         while items:
             yield items.popleft()
-
-
-class _Slice:
-    """Examples lo, …, hi - 1 of ``data``: a rank's shard under torch.distributed (``data`` itself in one process)."""
-
-    def __init__(self, data: Iterable[Mapping[str, Any]], lo: int, hi: int) -> None:
-        self.data, self.lo, self.hi = data, lo, hi
-
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    def __iter__(self) -> Iterator[Mapping[str, Any]]:
-        if hasattr(self.data, "__getitem__"):
-            return (self.data[i] for i in range(self.lo, self.hi))  # type: ignore[index]
-        return itertools.islice(self.data, self.lo, self.hi)
 
 
 def _shard(train: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
@@ -177,8 +161,8 @@ def fit_factors(
         return _finish(model, config, curvature, 0, _count(train), {}, {}, output_dir if dist.is_main() else None)
 
     lo, hi = _shard(train)  # under torch.distributed: this rank's sequences; one process: all (hi = -1)
-    local = _Slice(train, lo, hi) if dist.active() else train
-    head = _Slice(train, 0, hi) if dist.active() else train  # run_pass starts at a global index: the labels' seeds
+    local = dist.Slice(train, lo, hi) if dist.active() else train
+    head = dist.Slice(train, 0, hi) if dist.active() else train  # run_pass starts at a global index: the labels' seeds
     checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi)) if output_dir is not None else None
     progress = checkpoint.restore(curvature) if checkpoint is not None else None
     progress = agree(curvature, progress)
