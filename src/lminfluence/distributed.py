@@ -247,6 +247,8 @@ def check(error: BaseException | None = None) -> None:
         return
     reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if failed:  # every rank is here and about to raise: let all finish the exchange before any tears the group down
+        dist.barrier()
     if error is not None:
         raise error
     if failed:
