@@ -220,3 +220,69 @@ def test_an_error_in_one_ranks_fit_stops_every_rank():
     assert (s0, s1) == ("error", "error")
     assert m1.startswith("InputError: token id 999 is outside the model's vocabulary"), m1
     assert m0.startswith(f"DistributedError: rank 1 failed: {m1}"), m0
+
+
+# ------------------------------------------------------------ an FSDP-sharded model
+
+
+def _fsdp(shard: bool, batch_size: int = 4):
+    """EK-FAC factors and scores (full rank with per-layer and per-token, rank 2, self-influence) of a tiny
+    float64 GPT-2 on 24 sequences, its blocks and itself sharded with ``fully_shard`` when ``shard``."""
+    import torch
+    from helpers import random_queries, random_sequences, tiny_gpt2
+
+    import lminfluence as li
+
+    model, train, queries = tiny_gpt2(layers=2), random_sequences(24), random_queries(5)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    ex = li.Execution(batch_size=batch_size, query_batch_size=2)
+    factors = li.fit_factors(model, train, execution=ex)
+    full = li.compute_scores(model, factors, queries, train, li.ScoreConfig(per_layer=True, per_token=True), execution=ex)
+    low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=2), execution=ex)
+    own = li.compute_self_scores(model, factors, train, execution=ex)
+    lam = {k: v for k, v in factors.curvature.state_dict().items() if k.endswith("::lambda") or "::e_" in k}
+    out = {"full": full.total, "low": low.total, "self": own.total, "tokens": full.per_token, **lam}
+    out.update({f"layer {n}": t for n, t in full.per_layer.items()})
+    return {k: v.double().numpy() for k, v in out.items()}
+
+
+def test_an_fsdp_sharded_model_gives_the_factors_and_scores_of_one_process():
+    """With the weights sharded over 2 ranks by FSDP (``fully_shard``; the hooks read layer inputs and output
+    gradients, which FSDP leaves whole) and the data split as for a plain model, eigenvalues, Λ and every
+    score equal the one-process, unsharded ones to 1e-10 relative (float64 model)."""
+    import numpy as np
+
+    one = _fsdp(False)
+    results = run_ranks(_fsdp, True)
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for _, got in results:
+        assert set(got) == set(one)
+        for key, a in one.items():
+            np.testing.assert_allclose(got[key], a, rtol=1e-10, atol=1e-10 * np.abs(a).max(), err_msg=key)
+
+
+def _fsdp_out_of_step():
+    """23 sequences split 11 + 12, in batches of 11: 1 batch on rank 0, 2 on rank 1."""
+    from helpers import random_sequences, tiny_gpt2
+    from torch.distributed.fsdp import fully_shard
+
+    import lminfluence as li
+
+    model = tiny_gpt2(layers=1)
+    fully_shard(model)
+    li.fit_factors(model, random_sequences(23), execution=li.Execution(batch_size=11))
+    return "unreachable"
+
+
+def test_fsdp_refuses_batches_that_would_leave_ranks_out_of_step():
+    """Each forward of an FSDP model is a collective: ranks with different numbers of batches would wait for
+    each other forever. Both ranks refuse before the first batch, with an error that names a batch size that works."""
+    results = run_ranks(_fsdp_out_of_step)
+    for status, message in results:
+        assert status == "error" and message.startswith("DistributedError: fit: with an FSDP-sharded model"), message
+        assert "[1, 2]" in message and "e.g. " in message

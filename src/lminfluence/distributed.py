@@ -132,6 +132,32 @@ class Slice:
         return itertools.islice(self.data, self.lo, self.hi)
 
 
+def sharded_model(model: torch.nn.Module) -> bool:
+    """True when ``model`` has modules sharded by FSDP (``fully_shard``): its forward passes are collectives."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return active() and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def require_same_batches(model: torch.nn.Module, num_local: int, batch_size: int, what: str) -> None:
+    """With an FSDP-sharded model every rank must run as many forward passes as the others (each one gathers
+    the weights from all ranks): raise, on every rank, when ``num_local`` sequences in batches of
+    ``batch_size`` would give ranks different numbers of batches."""
+    if not sharded_model(model):
+        return
+    counts = all_gather_objects((num_local, -(-num_local // batch_size)))
+    if len({c for _, c in counts}) > 1:
+        sizes = [n for n, _ in counts]
+        fits = [b for b in range(1, max(sizes) + 1) if len({-(-n // b) for n in sizes}) == 1]
+        raise DistributedError(
+            f"{what}: with an FSDP-sharded model every rank must run the same number of batches, but the ranks' shares of "
+            f"{sizes} sequences in batches of {batch_size} give {[c for _, c in counts]}; choose a batch size that gives "
+            f"each rank the same count (e.g. {fits[-1] if fits else 1}), or another number of processes"
+        )
+
+
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -279,6 +305,8 @@ __all__ = [
     "owner",
     "span",
     "Slice",
+    "sharded_model",
+    "require_same_batches",
     "all_reduce_sum_",
     "gather_cat",
     "broadcast_",

@@ -179,13 +179,16 @@ def fit_factors(
     elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
         cache_gib = headroom(model_device(model), execution) / 2 / 2**30
     progress.batch_size = batch_size
+    if dist.sharded_model(model):  # FSDP: each forward is a collective, every rank must run as many
+        dist.require_same_batches(model, len(local) - progress.start, batch_size, "fit")  # type: ignore[arg-type]
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
     kind: LossKind = "sampled" if config.fisher == "sampled" else "true"
     autocast = half_autocast(model)
     total = num_examples(local)
     # a pass resumed midway cannot fill the cache: the second pass then recomputes (same result)
-    use_cache = len(curvature.passes) > 1 and not resumed
+    # (and under FSDP every rank must run the second pass's forwards: no replay)
+    use_cache = len(curvature.passes) > 1 and not resumed and not dist.sharded_model(model)
     cache = CaptureCache(cache_gib or 0.0, total) if use_cache else None
     batches_done = 0
     counts = (0, 0)

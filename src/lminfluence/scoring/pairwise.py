@@ -208,7 +208,7 @@ def compute_scores(
 
 def _precondition_shared(model, factors, queries, config, **kwargs) -> dict[str, LayerQueries]:
     """``precondition_queries``; under torch.distributed each rank solves every K-th query and all receive all."""
-    if not dist.active():
+    if not dist.active() or dist.sharded_model(model):  # FSDP: every rank runs every forward, so all precondition all
         return precondition_queries(model, factors, queries, config, **kwargs)
     from .two_stage import _share
 
@@ -233,8 +233,10 @@ def _score_shared(model, factors, pq, train, config, **kwargs) -> Scores:
     """``score_preconditioned``; under torch.distributed each rank scores its share of ``train``, all receive all scores."""
     if not dist.active():
         return score_preconditioned(model, factors, pq, train, config, **kwargs)
+    local = _local_train(train)
+    dist.require_same_batches(model, len(local), _size(kwargs["execution"].batch_size), "score")
     with dist.checked():
-        mine = score_preconditioned(model, factors, pq, _local_train(train), config, **kwargs)
+        mine = score_preconditioned(model, factors, pq, local, config, **kwargs)
     return Scores(
         total=dist.gather_cat(mine.total, 1),
         per_layer={n: dist.gather_cat(t, 1) for n, t in mine.per_layer.items()} if mine.per_layer is not None else None,
@@ -337,6 +339,8 @@ def compute_self_scores(
     train = _local_train(as_reiterable(train, "train"))
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+    if dist.sharded_model(model):
+        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")
     curvature = factors.curvature
     if execution.offload_factors:
         curvature.offload = True
