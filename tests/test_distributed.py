@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
 from dist_helpers import run_ranks
 
 
@@ -56,9 +58,9 @@ def test_single_process_is_rank_zero_of_one():
 def _two_stage(world_tag: str):
     """The two-stage procedure on a tiny float64 GPT-2 (the same model, data and factors on every rank)."""
     import numpy as np
-    from helpers import random_queries, random_sequences, tiny_gpt2
 
     import lminfluence as li
+    from helpers import random_queries, random_sequences, tiny_gpt2
     from lminfluence.scoring.two_stage import TwoStageConfig, two_stage_scores
 
     model, train, queries = tiny_gpt2(layers=2), random_sequences(23), random_queries(5)
@@ -95,25 +97,26 @@ def test_two_stage_scores_do_not_depend_on_the_number_of_processes():
 # ------------------------------------------------------------------ fitting
 
 
-def _fit_all(strategies):
-    return {s: _fit(s) for s in strategies}
+def _fit_all(strategies, device="cpu"):
+    return {s: _fit(s, device) for s in strategies}
 
 
-def _fit(strategy: str):
+def _fit(strategy: str, device: str = "cpu"):
     """Factors of a tiny float64 Llama (gated MLP: a shared A) fitted on 23 sequences, batch 4; every tensor, counts, and P = (G+λI)⁻¹V of fixed V."""
     import torch
-    from helpers import random_sequences, tiny_llama
 
     import lminfluence as li
+    from helpers import random_sequences, tiny_llama
 
-    model, train = tiny_llama(layers=2), random_sequences(23)
+    model, train = tiny_llama(layers=2).to(device), random_sequences(23)
     factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=li.Execution(batch_size=4))
     g = torch.Generator().manual_seed(0)
     applied = {}
     for name, info in factors.layers.items():
-        v = torch.randn(3, info.out_features, info.in_features + int(info.bias), generator=g, dtype=torch.float64)
-        applied[name] = factors.curvature.precondition(name, v, 0.1 * factors.curvature.mean_eigenvalue(name))
-    return {"state": factors.curvature.state_dict(), "counts": (factors.num_tokens, factors.num_sequences), "applied": applied}
+        v = torch.randn(3, info.out_features, info.in_features + int(info.bias), generator=g, dtype=torch.float64).to(device)
+        applied[name] = factors.curvature.precondition(name, v, 0.1 * factors.curvature.mean_eigenvalue(name)).cpu()
+    state = {k: v.cpu() for k, v in factors.curvature.state_dict().items()}
+    return {"state": state, "counts": (factors.num_tokens, factors.num_sequences), "applied": applied}
 
 
 def _same_factors(one, got, rtol=1e-10):
@@ -144,6 +147,20 @@ def test_fit_does_not_depend_on_the_number_of_processes():
             _same_factors(one, got[strategy])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_does_not_depend_on_the_number_of_processes():
+    """The same invariant with the model and the sums on the GPU (two ranks sharing it over gloo: the sums and
+    bases travel through CPU buffers), against one process on the GPU; 1e-10 relative as on the CPU."""
+    strategies = ("ekfac", "diagonal")
+    results = run_ranks(_fit_all, strategies, "cuda")
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for strategy in strategies:
+        one = _fit(strategy, "cuda")
+        for _, got in results:
+            _same_factors(one, got[strategy])
+
+
 # ------------------------------------------------------------------ scoring
 
 
@@ -151,9 +168,9 @@ def _scores(dtype_name: str):
     """Fit EK-FAC and score on a tiny GPT-2 (40 sequences, 6 queries, batch 4): full rank with per-layer and
     per-token scores, rank 2, and self-influence with per-layer scores."""
     import torch
-    from helpers import random_queries, random_sequences, tiny_gpt2
 
     import lminfluence as li
+    from helpers import random_queries, random_sequences, tiny_gpt2
 
     model, train, queries = tiny_gpt2(layers=2, dtype=getattr(torch, dtype_name)), random_sequences(40), random_queries(6)
     ex = li.Execution(batch_size=4, query_batch_size=2)
@@ -203,9 +220,9 @@ def test_float32_scores_match_one_process_closely():
 def _fit_with_a_bad_sequence():
     """A token id beyond the vocabulary in the last sequence: only the last rank's shard holds it."""
     import torch
-    from helpers import random_sequences, tiny_gpt2
 
     import lminfluence as li
+    from helpers import random_sequences, tiny_gpt2
 
     train = random_sequences(12)
     train[-1] = {"input_ids": torch.tensor([1, 2, 999])}
@@ -228,10 +245,8 @@ def test_an_error_in_one_ranks_fit_stops_every_rank():
 def _fsdp(shard: bool, batch_size: int = 4):
     """EK-FAC factors and scores (full rank with per-layer and per-token, rank 2, self-influence) of a tiny
     float64 GPT-2 on 24 sequences, its blocks and itself sharded with ``fully_shard`` when ``shard``."""
-    import torch
-    from helpers import random_queries, random_sequences, tiny_gpt2
-
     import lminfluence as li
+    from helpers import random_queries, random_sequences, tiny_gpt2
 
     model, train, queries = tiny_gpt2(layers=2), random_sequences(24), random_queries(5)
     if shard:
@@ -268,10 +283,10 @@ def test_an_fsdp_sharded_model_gives_the_factors_and_scores_of_one_process():
 
 def _fsdp_out_of_step():
     """23 sequences split 11 + 12, in batches of 11: 1 batch on rank 0, 2 on rank 1."""
-    from helpers import random_sequences, tiny_gpt2
     from torch.distributed.fsdp import fully_shard
 
     import lminfluence as li
+    from helpers import random_sequences, tiny_gpt2
 
     model = tiny_gpt2(layers=1)
     fully_shard(model)

@@ -115,20 +115,20 @@ def span(n: int) -> tuple[int, int]:
 class Slice:
     """Items lo, …, hi - 1 of ``data`` (indexed when it can be, else iterated): a rank's contiguous shard."""
 
-    def __init__(self, data: Iterable[T], lo: int, hi: int) -> None:
+    def __init__(self, data: Iterable[Any], lo: int, hi: int) -> None:
         self.data, self.lo, self.hi = data, lo, hi
 
     def __len__(self) -> int:
         return self.hi - self.lo
 
-    def __getitem__(self, i: int) -> T:
+    def __getitem__(self, i: int) -> Any:
         if not 0 <= i < len(self):
             raise IndexError(i)
         return self.data[self.lo + i]  # type: ignore[index]
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Iterator[Any]:
         if hasattr(self.data, "__getitem__"):
-            return (self.data[i] for i in range(self.lo, self.hi))  # type: ignore[index]
+            return (self.data[i] for i in range(self.lo, self.hi))
         return itertools.islice(self.data, self.lo, self.hi)
 
 

@@ -233,8 +233,8 @@ def fit_factors(
         "processes": dist.world_size(),
     }
     factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir if dist.is_main() else None)
+    dist.barrier()  # the factors are saved (by rank 0) before any rank drops its checkpoint (on every rank: with or without one)
     if checkpoint is not None:
-        dist.barrier()  # the factors are saved (by rank 0) before any rank drops its checkpoint
         checkpoint.clear()
     return factors
 

@@ -340,7 +340,7 @@ def compute_self_scores(
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
     if dist.sharded_model(model):
-        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")
+        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")  # type: ignore[arg-type]
     curvature = factors.curvature
     if execution.offload_factors:
         curvature.offload = True
