@@ -162,9 +162,9 @@ def execute_fit(plan: FitPlan, *, progress: bool = True) -> Factors:
         else:
             store, num_documents = plan.store, plan.num_documents
     t0 = time.perf_counter()
-    output = root / layout.FACTORS_DIR if dist.is_main() else None
     execution = plan.execution or config.fit.execution
-    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=execution, output_dir=output)
+    # every rank checkpoints its shard there; rank 0 alone writes the factors
+    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=execution, output_dir=root / layout.FACTORS_DIR)
     seconds = time.perf_counter() - t0
     logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(plan.modules), seconds)
     with dist.checked():
