@@ -142,9 +142,12 @@ def sharded_model(model: torch.nn.Module) -> bool:
 
 
 def require_same_batches(model: torch.nn.Module, num_local: int, batch_size: int, what: str) -> None:
-    """With an FSDP-sharded model every rank must run as many forward passes as the others (each one gathers
-    the weights from all ranks): raise, on every rank, when ``num_local`` sequences in batches of
-    ``batch_size`` would give ranks different numbers of batches."""
+    """Raise, on every rank, when an FSDP-sharded model would run different numbers of batches on different ranks.
+
+    Each forward pass of a sharded model gathers the weights from all ranks, so
+    every rank must run as many as the others: ``num_local`` sequences in
+    batches of ``batch_size`` must give the same count everywhere.
+    """
     if not sharded_model(model):
         return
     counts = all_gather_objects((num_local, -(-num_local // batch_size)))
