@@ -58,9 +58,10 @@ def _split_key(full: str) -> tuple[str, str, int | None]:
 class Curvature:
     """Base class. A strategy lists the passes over the data it needs in ``passes``.
 
-    For each pass the fitting loop calls ``accumulate`` once per batch with
-    every layer's captures, then ``finalize`` with the pass's token and
-    sequence counts. ``precondition`` applies (G + λI)⁻¹ per layer, in the
+    For each pass the fitting loop calls ``accumulate`` once per batch and
+    label draw with every layer's captures (``draw`` = 0, …, K-1, with K =
+    ``label_draws``: ā is the same in every draw, ds differs), then ``finalize``
+    with the pass's token and sequence counts (each sequence counted once). ``precondition`` applies (G + λI)⁻¹ per layer, in the
     per-sequence scale of the summed loss (docs/method.md §1).
 
     Attributes:
@@ -83,7 +84,12 @@ class Curvature:
         self._bases: dict[tuple, Any] = {}
         self._means: dict[str, float] = {}
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    @property
+    def label_draws(self) -> int:
+        """K, the label draws per sequence that ``accumulate`` receives (``FactorConfig.label_draws``)."""
+        return int(getattr(self.config, "label_draws", 1))
+
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
@@ -283,8 +289,9 @@ class EigenbasisCurvature(Curvature):
                 self.dtype = self.storage_dtype(cap.a.dtype)
 
     def _finalize_squares(self, num_sequences: int) -> None:
+        # the mean over sequences and label draws
         for st in self.state.values():
-            st["lambda"] = (st.pop("lambda_sum") / num_sequences).to(self.dtype)
+            st["lambda"] = (st.pop("lambda_sum") / (num_sequences * self.label_draws)).to(self.dtype)
         self._place()
 
 

@@ -21,7 +21,7 @@ class Diagonal(EigenbasisCurvature):
     name = "diagonal"
     passes = (CORRECTION,)
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         self._accumulate_squares(captures)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
@@ -64,12 +64,12 @@ class KFAC(EigenbasisCurvature):
             )
         return owners
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         blocks = getattr(self.config, "blocks", 1)
         owners = self._owners(captures)
         for name, cap in captures.items():
             st = self.state[name]
-            if owners[name] == name:  # a shared A is counted once, by its owner
+            if owners[name] == name and draw == 0:  # A has no labels: counted once per sequence; a shared A by its owner
                 _add(st, "a_sum", cm.block_covariances(cap.a, blocks))
             _add(st, "s_sum", cm.block_covariances(cap.ds, blocks))
         if self.dtype is None:
@@ -77,6 +77,7 @@ class KFAC(EigenbasisCurvature):
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         mean_tokens = num_tokens / num_sequences
+        count = {"a": num_tokens, "s": num_tokens * self.label_draws}  # S: the mean over tokens and label draws
         # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
         # side); each float64 sum is released once decomposed, so the peak holds the sums plus a few workspaces
         pending = deque(
@@ -90,7 +91,7 @@ class KFAC(EigenbasisCurvature):
         width = torch.get_num_threads() if pending and pending[0][2].device.type == "cpu" else 1
         while pending:
             chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
-            means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
+            means = [cm.unpack_symmetric(block) / count[side] for _, side, block in chunk]
             keys = [(name, side) for name, side, _ in chunk]
             del chunk
             for key, (e, q) in zip(keys, cm.eigh_many(means)):
@@ -115,9 +116,9 @@ class EKFAC(KFAC):
     passes = (COVARIANCE, CORRECTION)
     kronecker_eigenvalues = False
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         if pass_name == COVARIANCE:
-            super().accumulate(pass_name, captures)
+            super().accumulate(pass_name, captures, draw)
         else:
             self._accumulate_squares(captures)
 
