@@ -63,6 +63,7 @@ METHODS: dict[str, Method] = {
     "identity": Method("gradient dot product", fit={"strategy": "identity"}),
     "cosine": Method("gradient cosine", kind="cosine", fit={"strategy": "identity"}),
     "ekfac": Method("EK-FAC", fit={"strategy": "ekfac"}),
+    "ekfac_d8": Method("EK-FAC, 8 label draws", fit={"strategy": "ekfac", "label_draws": 8}),
     "lissa": Method("LiSSA", fit={"strategy": "lissa"}),
     # EK-FAC at the library's relative damping, λ = scale × each layer's mean eigenvalue (default 0.1)
     **{f"ekfac_s{s:g}": Method(f"EK-FAC, λ = {s:g} × layer mean{' (library default)' if s == 0.1 else ''}", fit={"strategy": "ekfac"},

@@ -83,6 +83,7 @@ class Curvature:
         # Q_A, Q_S cast to the compute dtype and device, derived from state (never saved)
         self._bases: dict[tuple, Any] = {}
         self._means: dict[str, float] = {}
+        self._rotated: dict[str, torch.Tensor] = {}  # ā Q_A of the batch whose label draws are being accumulated
 
     @property
     def label_draws(self) -> int:
@@ -261,13 +262,17 @@ class EigenbasisCurvature(Curvature):
             self._means[name] = float(self.state[name]["lambda"].mean(dtype=torch.float64))
         return self._means[name]
 
-    def _accumulate_squares(self, captures: dict[str, LayerCapture]) -> None:
-        # ā Q_A of the layers that share ā (gate and up), computed once and dropped after its last user
+    def _accumulate_squares(self, captures: dict[str, LayerCapture], draw: int = 0) -> None:
+        # ā Q_A of the layers that share ā (gate and up), computed once and dropped after its last user;
+        # with label draws, every layer's ā Q_A is kept until the batch's last draw (ā is the same in each)
+        last_draw = draw == self.label_draws - 1
         users: dict[str, int] = {}
         for name in captures:
-            if name in self.shared_a or name in self.shared_a.values():
+            if self.label_draws > 1 or name in self.shared_a or name in self.shared_a.values():
                 users[self.a_owner(name)] = users.get(self.a_owner(name), 0) + 1
-        rotated: dict[str, torch.Tensor] = {}
+        if draw == 0:
+            self._rotated = {}
+        rotated = self._rotated
         for name, cap in captures.items():
             st = self.state[name]
             q_a, q_s = self.bases(name, cap.a)
@@ -278,7 +283,7 @@ class EigenbasisCurvature(Curvature):
                 if a_rotated is None:
                     a_rotated = rotated[owner] = cm.right(cap.a, q_a)
                 users[owner] -= 1
-                if users[owner] == 0:
+                if users[owner] == 0 and last_draw:
                     del rotated[owner]
             sq = cm.eigenbasis_squares(cap.a, cap.ds, q_a, q_s, a_rotated)
             if "lambda_sum" in st:

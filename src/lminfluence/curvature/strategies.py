@@ -22,7 +22,7 @@ class Diagonal(EigenbasisCurvature):
     passes = (CORRECTION,)
 
     def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
-        self._accumulate_squares(captures)
+        self._accumulate_squares(captures, draw)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         self._finalize_squares(num_sequences)
@@ -120,7 +120,7 @@ class EKFAC(KFAC):
         if pass_name == COVARIANCE:
             super().accumulate(pass_name, captures, draw)
         else:
-            self._accumulate_squares(captures)
+            self._accumulate_squares(captures, draw)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         if pass_name == COVARIANCE:
