@@ -27,6 +27,7 @@ Usage::
     python benchmarks/accuracy_study.py --quick          # ~2 minutes: toy sizes, a smoke check
     python benchmarks/accuracy_study.py --sweep          # damping sweep against the exact reference (~18 minutes)
     python benchmarks/accuracy_study.py --tasks diabetes digits --out runs/acc --json results.json
+    python benchmarks/accuracy_study.py --methods ekfac --no-pbrf --no-lds   # EK-FAC + CG against the exact influence only
 """
 
 from __future__ import annotations
@@ -254,21 +255,24 @@ def run_task(name: str, sizes: Sizes, methods: list[str], args, root: Path) -> d
     res["time"]["exact"] = {"total_s": exact["seconds"]}
     res["lissa_report"] = est["lissa"]["meta"].get("lissa") if "lissa" in est else None
 
-    truth = pbrf(setup, lam, sizes.pbrf_steps[name], out)
-    res["time"]["pbrf"] = {"total_s": truth["seconds_per_point"] * len(setup.scored)}
-    cols = torch.as_tensor(setup.scored)
-    scored = {m: r["scores"][:, cols] for m, r in est.items()}
-    res["pearson_pbrf"] = correlations({**scored, "exact": exact["scores"][:, cols]}, truth["influence"])
     res["pearson_exact"] = correlations({m: r["scores"] for m, r in est.items()}, exact["scores"])
-    res["pbrf"] = {k: v for k, v in truth.items() if k != "influence"}
     res["exact"] = {"iterations": exact["iterations"], "residual": exact["residual"]}
+    if not args.no_pbrf:
+        truth = pbrf(setup, lam, sizes.pbrf_steps[name], out)
+        res["time"]["pbrf"] = {"total_s": truth["seconds_per_point"] * len(setup.scored)}
+        cols = torch.as_tensor(setup.scored)
+        scored = {m: r["scores"][:, cols] for m, r in est.items()}
+        res["pearson_pbrf"] = correlations({**scored, "exact": exact["scores"][:, cols]}, truth["influence"])
+        res["pbrf"] = {k: v for k, v in truth.items() if k != "influence"}
+    pb = res.get("pearson_pbrf", {})
     print(markdown(["method", "Pearson with PBRF", "Pearson with exact GN (all N)"], [
-        [LABELS.get(m, m), f"{res['pearson_pbrf'][m]['mean']:.3f} ± {res['pearson_pbrf'][m]['std']:.3f}",
+        [LABELS.get(m, m), f"{pb[m]['mean']:.3f} ± {pb[m]['std']:.3f}" if m in pb else "–",
          f"{res['pearson_exact'][m]['mean']:.3f} ± {res['pearson_exact'][m]['std']:.3f}" if m in res["pearson_exact"] else "–"]
         for m in list(est) + ["exact"]
     ]), flush=True)
-    print(f"PBRF: {truth['converged']:.0%} of points met tol, median ‖∇J‖ ratio {truth['rel_grad_median']:.1e}, "
-          f"{truth['seconds_per_point']:.1f} s per point", flush=True)
+    if "pbrf" in res:
+        print(f"PBRF: {truth['converged']:.0%} of points met tol, median ‖∇J‖ ratio {truth['rel_grad_median']:.1e}, "
+              f"{truth['seconds_per_point']:.1f} s per point", flush=True)
 
     if name in sizes.lds_tasks and not args.no_lds:
         res["lds"] = ldsmod.run_lds(setup, {m: r["scores"] for m, r in est.items()} | {"exact": exact["scores"]},
@@ -295,6 +299,9 @@ def refinement_table(results: dict[str, dict]) -> str:
             base = "ekfac" if draws == 1 else f"ekfac_d{draws}"
             cells = [task, LABELS.get(m, m)]
             for key in ("pearson_exact", "pearson_pbrf"):
+                if key not in r:  # run without the PBRF
+                    cells.append("–")
+                    continue
                 top = 1.0 if key == "pearson_exact" else r[key]["exact"]["mean"]
                 ek, cg = r[key][base]["mean"], r[key][m]["mean"]
                 cells.append(f"{ek:.2f} → {cg:.2f} ({(cg - ek) / (top - ek):.0%})" if top > ek else f"{ek:.2f} → {cg:.2f}")
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--damping-scale", type=float, default=10.0, help="λ = this × trace(G)/P (default 10)")
     p.add_argument("--no-lds", action="store_true", help="skip the LDS retraining")
     p.add_argument("--no-draws", action="store_true", help=f"skip the K-FAC/EK-FAC variants fitted on {DRAWS} label draws per example")
+    p.add_argument("--no-pbrf", action="store_true", help="skip the PBRF: compare with the exact damped GN influence only")
     p.add_argument("--no-cg", action="store_true", help=f"skip EK-FAC refined by conjugate gradients (k = {CG_STEPS})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -393,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print("\n# Tables\n")
     print(setup_table(results) + "\n")
-    print(correlation_table(results, "pearson_pbrf", "Pearson correlation with the PBRF (mean ± std over 10 queries)") + "\n")
+    if any("pearson_pbrf" in r for r in results.values()):
+        print(correlation_table(results, "pearson_pbrf", "Pearson correlation with the PBRF (mean ± std over 10 queries)") + "\n")
     print(correlation_table(results, "pearson_exact", "Pearson correlation with the exact damped Gauss–Newton influence, all training points") + "\n")
     print(time_table(results) + "\n")
     if any(m.startswith("ekfac_cg") for r in results.values() for m in r["time"]):

@@ -27,6 +27,7 @@ Usage::
     nice -n 10 python benchmarks/lds_lm.py --json runs/lds-lm.json     # the benchmark (50 min on 2 busy cores)
     python benchmarks/lds_lm.py --quick                                  # a smoke test in about a minute
     python benchmarks/lds_lm.py --methods tfidf ekfac                    # a subset of the method table
+    python benchmarks/lds_lm.py --draw-costs                             # fit seconds against label draws K
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from accuracy.study import load_tensors, pearson, save_json, save_tensors  # noqa: E402
 from accuracy.tables import markdown  # noqa: E402
 from lds.corpus import CorpusSpec, build_corpus  # noqa: E402
+from lds.draws import draw_cost_table, draw_costs  # noqa: E402
 from lds.methods import METHODS, Context, curvature_scale, exact_scores, run_method  # noqa: E402
 from lds.train import ModelSpec, measure, scored_model, train_on  # noqa: E402
 from lds.truth import build_truth, paired, summarize, truth_diagnostics  # noqa: E402
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-check", action="store_true", help="skip the exact damped-GN solve that checks LiSSA")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="draws the subsets and retraining seeds")
+    p.add_argument("--draw-costs", action="store_true", help="only time K-FAC/EK-FAC fits against label draws K = 1, 2, 4, 8")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,6 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"λ = {ctx.damping:.3g} ({args.damping_scale:g} × mean eigenvalue {curv['mean_eigenvalue']:.3g}; "
           f"μ_max {curv['max_eigenvalue']:.3g}); LiSSA depth {ctx.lissa['lissa_depth']} (needed {depth}), "
           f"batch {sizes.lissa_batch_size}", flush=True)
+
+    if args.draw_costs:
+        costs = draw_costs(ctx)
+        print("\n" + draw_cost_table(costs), flush=True)
+        save_json(out / "draw-costs.json", costs)
+        if args.json:
+            save_json(args.json, costs)
+        return costs
 
     print("methods:", flush=True)
     methods = run_methods(args.methods, ctx, key, out)

@@ -141,18 +141,17 @@ def run_estimator(setup: Setup, method: str, damping: float, seed: int = 0) -> d
     Returns the scores [Q, N] (raw, docs/method.md §1: positive = raises f) and
     the seconds spent fitting and scoring. The damping is absolute (the
     PBRF's λ), the same for every layer. ``method`` is a strategy, with
-    ``_d<K>`` to fit on K label draws per training example and ``_cg<k>`` to
+    ``_d<K>`` to fit on K label draws per training example (``FactorConfig.label_draws``) and ``_cg<k>`` to
     refine the queries by k conjugate-gradient steps on exact Gauss–Newton
     products over the whole training set (``ScoreConfig(refine="cg")``).
     """
     strategy, draws, steps = split_method(method)
     extra = setup.lissa if strategy == "lissa" else {}
-    config = li.FactorConfig(strategy=strategy, modules=setup.modules, seed=seed, **extra)
-    # draws > 1: each example appears ``draws`` times in the fitting data, each copy with its own
-    # sampled labels: a Monte Carlo estimate of the Fisher's expectation over labels with less noise
-    fit_data = setup.train if draws == 1 else list(setup.train) * draws
+    # draws > 1: ``label_draws`` sampled label sets per example (one forward pass, K backward passes):
+    # a Monte Carlo estimate of the Fisher's expectation over labels with less noise
+    config = li.FactorConfig(strategy=strategy, modules=setup.modules, seed=seed, label_draws=draws, **extra)
     start = time.perf_counter()
-    factors = li.fit_factors(setup.model, fit_data, config, task=setup.task, execution=li.Execution(batch_size=setup.batch_size))
+    factors = li.fit_factors(setup.model, setup.train, config, task=setup.task, execution=li.Execution(batch_size=setup.batch_size))
     fitted = time.perf_counter()
     score_cfg = li.ScoreConfig(damping=damping) if steps is None else li.ScoreConfig(damping=damping, refine="cg", refine_steps=steps)
     score_exec = li.Execution(batch_size=setup.batch_size, query_batch_size=len(setup.queries))

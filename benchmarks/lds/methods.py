@@ -63,6 +63,7 @@ METHODS: dict[str, Method] = {
     "identity": Method("gradient dot product", fit={"strategy": "identity"}),
     "cosine": Method("gradient cosine", kind="cosine", fit={"strategy": "identity"}),
     "ekfac": Method("EK-FAC", fit={"strategy": "ekfac"}),
+    "ekfac_d8": Method("EK-FAC, 8 label draws", fit={"strategy": "ekfac", "label_draws": 8}),
     "lissa": Method("LiSSA", fit={"strategy": "lissa"}),
     # EK-FAC at the library's relative damping, λ = scale × each layer's mean eigenvalue (default 0.1)
     **{f"ekfac_s{s:g}": Method(f"EK-FAC, λ = {s:g} × layer mean{' (library default)' if s == 0.1 else ''}", fit={"strategy": "ekfac"},
@@ -70,6 +71,9 @@ METHODS: dict[str, Method] = {
     # EK-FAC refined by k conjugate-gradient steps on exact Gauss–Newton products over all N sequences
     **{f"ekfac_cg{k}": Method(f"EK-FAC + CG, k = {k}", fit={"strategy": "ekfac"}, score={"refine": "cg", "refine_steps": k})
        for k in (5, 10, 20)},
+    # the same at the library's default relative damping, where EK-FAC alone does best
+    "ekfac_s0.1_cg5": Method("EK-FAC + CG, k = 5, λ = 0.1 × layer mean", fit={"strategy": "ekfac"},
+                             score={"damping_scale": 0.1, "refine": "cg", "refine_steps": 5}),
 }
 
 

@@ -117,6 +117,13 @@ class FactorConfig(Serializable):
             consecutive coordinates (the paper's Appendix A): factor memory and
             eigendecomposition time shrink about k-fold and k²-fold, at some
             accuracy cost (docs/memory.md). 1 = the full matrices.
+        label_draws: K, the sets of labels drawn per training sequence in the
+            curvature passes of the sampled Fisher (diagonal, kfac, ekfac). One
+            forward pass serves K backward passes; S and Λ are averaged over the
+            draws, A (label-free) is counted once. Draw 0 is the one-draw fit's,
+            so K = 1 is the paper's estimator; more draws cut the sampling noise
+            of S and Λ at about one backward pass (and one ``K``-th of the
+            covariance work) per extra draw (docs/accuracy.md).
     """
 
     strategy: Strategy = option("ekfac", "curvature approximation: ekfac, kfac, diagonal, identity (gradient dot product) or lissa")
@@ -129,6 +136,7 @@ class FactorConfig(Serializable):
     lissa_batch_size: int = option(8, "training sequences per Gauss–Newton-vector product of LiSSA")
     factor_dtype: FactorDtype = option("auto", "storage dtype of the factors: auto (float32 unless the model is float64), float32 or float64")
     blocks: int = option(1, "diagonal blocks of A and S per layer (Appendix A), for very wide layers; 1 = full")
+    label_draws: int = option(1, "sets of sampled labels per training sequence in the curvature passes (S and Λ averaged over them)")
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -150,6 +158,17 @@ class FactorConfig(Serializable):
         check_positive_int("lissa_batch_size", self.lissa_batch_size)
         check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         check_positive_int("blocks", self.blocks)
+        check_positive_int("label_draws", self.label_draws)
+        if self.label_draws > 1 and self.fisher != "sampled":
+            raise ConfigError(
+                f"label_draws={self.label_draws} needs fisher='sampled': the empirical Fisher uses the true labels, "
+                "there is nothing to draw (leave label_draws=1)"
+            )
+        if self.label_draws > 1 and self.strategy in ("identity", "lissa"):
+            raise ConfigError(
+                f"label_draws={self.label_draws} applies to the fitted sampled Fishers (diagonal, kfac, ekfac); "
+                f"strategy={self.strategy!r} draws no labels (leave label_draws=1)"
+            )
         if self.strategy == "lissa" and self.fisher != "sampled":
             raise ConfigError(
                 "strategy='lissa' uses exact Gauss–Newton-vector products; fisher='empirical' does not apply "

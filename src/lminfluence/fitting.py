@@ -47,7 +47,7 @@ class CaptureCache:
         if self.items is None:
             return
         storages = {}
-        for cap in bc.captures.values():
+        for cap in (c for draw in bc.draws for c in draw.values()):
             for t in (cap.a, cap.ds):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         self.bytes += sum(storages.values())
@@ -119,8 +119,9 @@ def fit_factors(
 
     Runs the passes the strategy needs (K-FAC one, EK-FAC two) with
     pseudo-labels sampled from the model (each sequence's from its own seed,
-    so the factors do not depend on the batch size) or the true labels for
-    the empirical Fisher. Products run in the captures' dtype (float32 or
+    so the factors do not depend on the batch size; ``config.label_draws``
+    independent sets of them per sequence, S and Λ averaged over the draws)
+    or the true labels for the empirical Fisher. Products run in the captures' dtype (float32 or
     wider), sums are accumulated in float64, eigendecompositions are float64,
     and the factors are stored in ``config.factor_dtype``.
 
@@ -202,11 +203,12 @@ def fit_factors(
             else:
                 batches = run_pass(
                     model, task, collector, head, batch_size, kind, seed=config.seed, start=lo + progress.start,
-                    autocast=autocast, desc=f"fit {pass_name}",
+                    autocast=autocast, desc=f"fit {pass_name}", label_draws=config.label_draws,
                 )
             with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
                 for bc in batches:
-                    curvature.accumulate(pass_name, bc.captures)
+                    for draw, captures in enumerate(bc.draws):  # K label draws of one forward pass (FactorConfig.label_draws)
+                        curvature.accumulate(pass_name, captures, draw)
                     progress.num_tokens += bc.num_tokens
                     progress.num_sequences += bc.num_sequences
                     progress.start += bc.num_sequences

@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -96,30 +96,44 @@ def tracking(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[Collec
         yield collector
 
 
-def sequence_seed(seed: int, index: int) -> int:
-    """The seed of the labels drawn for the training sequence at ``index``: a hash of (seed, index).
+def sequence_seed(seed: int, index: int, draw: int = 0) -> int:
+    """The seed of the labels drawn for the training sequence at ``index``: a hash of (seed, index[, draw]).
 
     Each sequence gets its own generator, so the drawn labels, and the factors,
     do not depend on the batch size, on where a resumed fit restarts, or on
-    how the data are split between processes.
+    how the data are split between processes. Draw 0 is the one-draw fit's;
+    each further draw (``FactorConfig.label_draws``) hashes its number in too,
+    a stream of its own.
     """
-    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    text = f"{seed}/{index}" if draw == 0 else f"{seed}/{index}/draw{draw}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
-def sequence_generators(seed: int, start: int, count: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sequence start, …, start + count - 1, seeded by ``sequence_seed``."""
-    return [torch.Generator(device=device).manual_seed(sequence_seed(seed, i)) for i in range(start, start + count)]
+def sequence_generators(seed: int, start: int, count: int, device: torch.device, draw: int = 0) -> list[torch.Generator]:
+    """One generator per sequence start, …, start + count - 1, seeded by ``sequence_seed`` (of label draw ``draw``)."""
+    return [torch.Generator(device=device).manual_seed(sequence_seed(seed, i, draw)) for i in range(start, start + count)]
 
 
 @dataclass
 class BatchCapture:
-    """What one batch of a pass produced; ``end`` is the index after its last sequence."""
+    """What one batch of a pass produced; ``end`` is the index after its last sequence.
+
+    ``captures`` are those of label draw 0; ``extra_draws`` those of draws
+    1, …, K-1 (sampled labels with ``label_draws`` = K > 1), whose ā are the
+    same tensors as draw 0's (one forward pass), only ds differs.
+    """
 
     captures: dict[str, LayerCapture]
     num_sequences: int
     num_tokens: int
     end: int = 0
+    extra_draws: list[dict[str, LayerCapture]] = field(default_factory=list)
+
+    @property
+    def draws(self) -> list[dict[str, LayerCapture]]:
+        """The captures of every label draw, draw 0 first."""
+        return [self.captures, *self.extra_draws]
 
 
 def run_pass(
@@ -134,6 +148,7 @@ def run_pass(
     start: int = 0,
     autocast: torch.dtype | None = None,
     desc: str = "",
+    label_draws: int = 1,
 ) -> Iterator[BatchCapture]:
     """Yield each batch's captures for the gradient of the summed loss of ``loss_kind``.
 
@@ -141,6 +156,9 @@ def run_pass(
     labels drawn from the model, those of the sequence at index i from a
     generator seeded by ``sequence_seed(seed, i)``; ``measurement``: g = -f, the
     query's loss. ``start`` skips the first examples (a resumed pass).
+    ``label_draws`` = K > 1 (``sampled`` only): after the one forward pass, K
+    backward passes through the retained graph, draw k's labels from
+    ``sequence_seed(seed, i, k)``; draws 1, …, K-1 come in ``extra_draws``.
     ``autocast``: run the forward under ``torch.autocast`` with this dtype (GPU
     half precision); captures and losses stay float32.
     Run it inside ``tracking`` (eval mode, gradients on, hooks registered).
@@ -149,6 +167,8 @@ def run_pass(
     total = num_examples(data)
     if loss_kind == "sampled" and seed is None:
         raise ValueError("sampled labels need a seed")
+    if label_draws != 1 and loss_kind != "sampled":
+        raise ValueError(f"label_draws={label_draws} needs sampled labels, not {loss_kind!r}")
     seen = start
     seen_tokens = 0
     began = time.perf_counter()
@@ -162,15 +182,16 @@ def run_pass(
             collector.begin(mask)
             with cast:
                 outputs = task.forward(model, batch)
-            if loss_kind == "true":
-                loss = task.loss(outputs, batch)
-            elif loss_kind == "sampled":
-                loss = task.sampled_loss(outputs, batch, sequence_generators(seed, seen, len(examples), outputs.device))  # type: ignore[arg-type]
+            if loss_kind == "sampled":  # K backward passes through one forward's graph, kept until the last
+                draws = []
+                for draw in range(label_draws):
+                    gens = sequence_generators(seed, seen, len(examples), outputs.device, draw)  # type: ignore[arg-type]
+                    loss = _finite(task.sampled_loss(outputs, batch, gens), desc, seen)
+                    draws.append(collector.backward(loss.sum(), retain_graph=draw < label_draws - 1))
+                captures, extra = draws[0], draws[1:]
             else:
-                loss = -task.measurement(outputs, batch)
-            if not torch.isfinite(loss).all():
-                raise FloatingPointError(f"{desc}: non-finite loss in the batch at example {seen}")
-            captures = collector.backward(loss.sum())
+                loss = task.loss(outputs, batch) if loss_kind == "true" else -task.measurement(outputs, batch)
+                captures, extra = collector.backward(_finite(loss, desc, seen).sum()), []
             first = next(iter(captures.values()))
             tokens = int(mask.sum()) if mask is not None else first.a.shape[0] * first.a.shape[1]
             del outputs, loss, batch  # the logits ([B, T, V]) must not outlive the backward
@@ -178,9 +199,15 @@ def run_pass(
             seen_tokens += tokens
             bar.set_postfix_str(f"{seen_tokens / max(time.perf_counter() - began, 1e-9):,.0f} tok/s", refresh=False)
             bar.update(len(examples))
-            yield BatchCapture(captures, len(examples), tokens, seen)
+            yield BatchCapture(captures, len(examples), tokens, seen, extra)
     if seen == 0:
         raise InputError(f"{desc or 'the data'}: no examples (the dataset is empty)")
+
+
+def _finite(loss: torch.Tensor, desc: str, seen: int) -> torch.Tensor:
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"{desc}: non-finite loss in the batch at example {seen}")
+    return loss
 
 
 __all__ = [

@@ -58,9 +58,10 @@ def _split_key(full: str) -> tuple[str, str, int | None]:
 class Curvature:
     """Base class. A strategy lists the passes over the data it needs in ``passes``.
 
-    For each pass the fitting loop calls ``accumulate`` once per batch with
-    every layer's captures, then ``finalize`` with the pass's token and
-    sequence counts. ``precondition`` applies (G + λI)⁻¹ per layer, in the
+    For each pass the fitting loop calls ``accumulate`` once per batch and
+    label draw with every layer's captures (``draw`` = 0, …, K-1, with K =
+    ``label_draws``: ā is the same in every draw, ds differs), then ``finalize``
+    with the pass's token and sequence counts (each sequence counted once). ``precondition`` applies (G + λI)⁻¹ per layer, in the
     per-sequence scale of the summed loss (docs/method.md §1).
 
     Attributes:
@@ -82,8 +83,14 @@ class Curvature:
         # Q_A, Q_S cast to the compute dtype and device, derived from state (never saved)
         self._bases: dict[tuple, Any] = {}
         self._means: dict[str, float] = {}
+        self._rotated: dict[str, torch.Tensor] = {}  # ā Q_A of the batch whose label draws are being accumulated
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    @property
+    def label_draws(self) -> int:
+        """K, the label draws per sequence that ``accumulate`` receives (``FactorConfig.label_draws``)."""
+        return int(getattr(self.config, "label_draws", 1))
+
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
@@ -268,13 +275,17 @@ class EigenbasisCurvature(Curvature):
             self._means[name] = float(self.state[name]["lambda"].mean(dtype=torch.float64))
         return self._means[name]
 
-    def _accumulate_squares(self, captures: dict[str, LayerCapture]) -> None:
-        # ā Q_A of the layers that share ā (gate and up), computed once and dropped after its last user
+    def _accumulate_squares(self, captures: dict[str, LayerCapture], draw: int = 0) -> None:
+        # ā Q_A of the layers that share ā (gate and up), computed once and dropped after its last user;
+        # with label draws, every layer's ā Q_A is kept until the batch's last draw (ā is the same in each)
+        last_draw = draw == self.label_draws - 1
         users: dict[str, int] = {}
         for name in captures:
-            if name in self.shared_a or name in self.shared_a.values():
+            if self.label_draws > 1 or name in self.shared_a or name in self.shared_a.values():
                 users[self.a_owner(name)] = users.get(self.a_owner(name), 0) + 1
-        rotated: dict[str, torch.Tensor] = {}
+        if draw == 0:
+            self._rotated = {}
+        rotated = self._rotated
         for name, cap in captures.items():
             st = self.state[name]
             q_a, q_s = self.bases(name, cap.a)
@@ -285,7 +296,7 @@ class EigenbasisCurvature(Curvature):
                 if a_rotated is None:
                     a_rotated = rotated[owner] = cm.right(cap.a, q_a)
                 users[owner] -= 1
-                if users[owner] == 0:
+                if users[owner] == 0 and last_draw:
                     del rotated[owner]
             sq = cm.eigenbasis_squares(cap.a, cap.ds, q_a, q_s, a_rotated)
             if "lambda_sum" in st:
@@ -296,8 +307,9 @@ class EigenbasisCurvature(Curvature):
                 self.dtype = self.storage_dtype(cap.a.dtype)
 
     def _finalize_squares(self, num_sequences: int) -> None:
+        # the mean over sequences and label draws
         for st in self.state.values():
-            st["lambda"] = (st.pop("lambda_sum") / num_sequences).to(self.dtype)
+            st["lambda"] = (st.pop("lambda_sum") / (num_sequences * self.label_draws)).to(self.dtype)
         self._place()
 
 

@@ -107,7 +107,7 @@ class LiSSA(Curvature):
     name = "lissa"
     passes = (CORRECTION,)
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         for name, cap in captures.items():
             st = self.state[name]
             sq = cm.eigenbasis_squares(cap.a, cap.ds, None, None)  # Σ_b DW_b ⊙ DW_b, [O, I]

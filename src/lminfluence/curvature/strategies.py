@@ -23,8 +23,8 @@ class Diagonal(EigenbasisCurvature):
     name = "diagonal"
     passes = (CORRECTION,)
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
-        self._accumulate_squares(captures)
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
+        self._accumulate_squares(captures, draw)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         self._finalize_squares(num_sequences)
@@ -78,12 +78,12 @@ class KFAC(EigenbasisCurvature):
             )
         return owners
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         blocks = getattr(self.config, "blocks", 1)
         owners = self._owners(captures)
         for name, cap in captures.items():
             st = self.state[name]
-            if owners[name] == name:  # a shared A is counted once, by its owner
+            if owners[name] == name and draw == 0:  # A has no labels: counted once per sequence; a shared A by its owner
                 _add(st, "a_sum", cm.block_covariances(cap.a, blocks))
             _add(st, "s_sum", cm.block_covariances(cap.ds, blocks))
         if self.dtype is None:
@@ -98,6 +98,7 @@ class KFAC(EigenbasisCurvature):
         sizes = {u: [((math.isqrt(8 * b.numel() + 1) - 1) // 2, b.device) for b in self.state[u[0]][f"{u[1]}_sum"]] for u in units}
         owners = _spread({u: sum(n**3 for n, _ in sizes[u]) for u in units})
         mine = {u for u in units if owners[u] == dist.rank()}
+        count = {"a": num_tokens, "s": num_tokens * self.label_draws}  # S: the mean over tokens and label draws
         # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
         # side); each float64 sum is released once decomposed, so the peak holds the sums plus a few workspaces
         pending = deque(
@@ -111,7 +112,7 @@ class KFAC(EigenbasisCurvature):
         with dist.checked():  # a rank whose decomposition fails stops the others before the broadcasts
             while pending:
                 chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
-                means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
+                means = [cm.unpack_symmetric(block) / count[side] for _, side, block in chunk]
                 keys = [(name, side) for name, side, _ in chunk]
                 del chunk
                 for key, (e, q) in zip(keys, cm.eigh_many(means)):
@@ -152,11 +153,11 @@ class EKFAC(KFAC):
     passes = (COVARIANCE, CORRECTION)
     kronecker_eigenvalues = False
 
-    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture]) -> None:
+    def accumulate(self, pass_name: str, captures: dict[str, LayerCapture], draw: int = 0) -> None:
         if pass_name == COVARIANCE:
-            super().accumulate(pass_name, captures)
+            super().accumulate(pass_name, captures, draw)
         else:
-            self._accumulate_squares(captures)
+            self._accumulate_squares(captures, draw)
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         if pass_name == COVARIANCE:

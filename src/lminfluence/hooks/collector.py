@@ -120,8 +120,12 @@ class Collector:
 
         return hook
 
-    def backward(self, loss: torch.Tensor) -> dict[str, LayerCapture]:
-        """Differentiate ``loss`` with respect to the tracked outputs; returns the captures."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, LayerCapture]:
+        """Differentiate ``loss`` with respect to the tracked outputs; returns the captures.
+
+        With ``retain_graph`` the graph and the recorded inputs stay for another
+        ``backward`` of a loss of the same forward pass (the captures share ā).
+        """
         missing = [n for n in self.modules if n not in self._out]
         if missing:
             raise TrackingError(
@@ -138,7 +142,7 @@ class Collector:
                 )
         if not loss.requires_grad:
             raise TrackingError("the loss does not depend on any tracked layer (was it computed under no_grad?)")
-        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        grads = torch.autograd.grad(loss, outs, allow_unused=True, retain_graph=retain_graph)
         captures = {}
         for n, o, g in zip(names, outs, grads):
             a = self._a[n]
@@ -147,6 +151,8 @@ class Collector:
             if self._mask is not None:
                 ds = ds * self._mask.unsqueeze(-1).to(ds.dtype)
             captures[n] = LayerCapture(a=a, ds=ds)
+        if retain_graph:
+            return captures
         self._a.clear()
         self._out.clear()
         self._version.clear()
