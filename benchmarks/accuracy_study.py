@@ -58,6 +58,7 @@ from accuracy.exact import exact_influence, max_eigenvalue  # noqa: E402
 from accuracy.lm import LMSpec  # noqa: E402
 from accuracy.setups import TASKS, lm_setup, mlp_setup  # noqa: E402
 from accuracy.study import (  # noqa: E402
+    CG_STEPS,
     DRAWS,
     LABELS,
     METHODS,
@@ -70,6 +71,7 @@ from accuracy.study import (  # noqa: E402
     run_estimator,
     save_json,
     save_tensors,
+    split_method,
 )
 from accuracy.tables import correlation_table, markdown, setup_table, time_table  # noqa: E402
 
@@ -242,6 +244,10 @@ def run_task(name: str, sizes: Sizes, methods: list[str], args, root: Path) -> d
 
     if name != "diabetes" and not args.no_draws:  # regression pseudo-gradients are exact: nothing to average
         methods = methods + [f"{m}_d{DRAWS}" for m in ("kfac", "ekfac") if m in methods]
+    if "ekfac" in methods and not args.no_cg:
+        methods = methods + [f"ekfac_cg{k}" for k in CG_STEPS]
+        if f"ekfac_d{DRAWS}" in methods:
+            methods = methods + [f"ekfac_d{DRAWS}_cg{k}" for k in CG_STEPS]
     exact = exact_reference(setup, lam, out)
     est = estimators(setup, methods, lam, out)
     res["time"] = {m: {"fit_s": r["fit_s"], "score_s": r["score_s"]} for m, r in est.items()}
@@ -272,6 +278,33 @@ def run_task(name: str, sizes: Sizes, methods: list[str], args, root: Path) -> d
         ]), flush=True)
     res["seconds"] = time.perf_counter() - t0
     return res
+
+
+def refinement_table(results: dict[str, dict]) -> str:
+    """EK-FAC + CG against EK-FAC (of the same label draws): share of the gap to the exact damped GN closed, and cost.
+
+    Gap closed = (r_cg − r_ekfac) / (r_exact − r_ekfac) with r the mean Pearson correlation over queries; against the
+    exact influence r_exact = 1, against the PBRF r_exact is the exact influence's own correlation with it.
+    """
+    rows = []
+    for task, r in results.items():
+        for m in r["time"]:
+            strategy, draws, steps = split_method(m) if m not in ("exact", "pbrf") else ("", 1, None)
+            if steps is None:
+                continue
+            base = "ekfac" if draws == 1 else f"ekfac_d{draws}"
+            cells = [task, LABELS.get(m, m)]
+            for key in ("pearson_exact", "pearson_pbrf"):
+                top = 1.0 if key == "pearson_exact" else r[key]["exact"]["mean"]
+                ek, cg = r[key][base]["mean"], r[key][m]["mean"]
+                cells.append(f"{ek:.2f} → {cg:.2f} ({(cg - ek) / (top - ek):.0%})" if top > ek else f"{ek:.2f} → {cg:.2f}")
+            ek_t, cg_t = r["time"][base], r["time"][m]
+            cells += [f"{cg_t['score_s'] / ek_t['score_s']:.0f}",
+                      f"{(cg_t['fit_s'] + cg_t['score_s']) / (ek_t['fit_s'] + ek_t['score_s']):.1f}"]
+            rows.append(cells)
+    header = ["task", "method", "Pearson with exact GN: EK-FAC → + CG (gap closed)", "with PBRF (gap closed)",
+              "score time / EK-FAC's", "fit + score / EK-FAC's"]
+    return "EK-FAC refined by conjugate gradients\n\n" + markdown(header, rows)
 
 
 SWEEP_SCALES = (0.1, 1.0, 10.0, 100.0)
@@ -328,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--damping-scale", type=float, default=10.0, help="λ = this × trace(G)/P (default 10)")
     p.add_argument("--no-lds", action="store_true", help="skip the LDS retraining")
     p.add_argument("--no-draws", action="store_true", help=f"skip the K-FAC/EK-FAC variants fitted on {DRAWS} label draws per example")
+    p.add_argument("--no-cg", action="store_true", help=f"skip EK-FAC refined by conjugate gradients (k = {CG_STEPS})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true",
@@ -362,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(correlation_table(results, "pearson_pbrf", "Pearson correlation with the PBRF (mean ± std over 10 queries)") + "\n")
     print(correlation_table(results, "pearson_exact", "Pearson correlation with the exact damped Gauss–Newton influence, all training points") + "\n")
     print(time_table(results) + "\n")
+    if any(m.startswith("ekfac_cg") for r in results.values() for m in r["time"]):
+        print(refinement_table(results) + "\n")
     if any("lds" in r for r in results.values()):
         print(correlation_table({t: {"lds": r["lds"]["methods"]} for t, r in results.items() if "lds" in r}, "lds",
                                 "LDS: Spearman correlation with retraining (mean ± std over 10 queries)") + "\n")

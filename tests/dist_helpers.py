@@ -32,6 +32,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
     finally:
         with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
+        if result[0] == "ok":
+            dist.barrier()  # no rank tears its connections down while another still reads from them
         dist.destroy_process_group()
 
 

@@ -126,7 +126,10 @@ def test_exact_reference_matches_a_dense_solve_and_ekfac_is_closer_than_the_dot_
 
 
 def test_method_names_and_tables():
-    assert split_method("ekfac") == ("ekfac", 1) and split_method("kfac_d16") == ("kfac", 16)
+    assert split_method("ekfac") == ("ekfac", 1, None) and split_method("kfac_d16") == ("kfac", 16, None)
+    assert split_method("ekfac_cg5") == ("ekfac", 1, 5) and split_method("ekfac_d16_cg20") == ("ekfac", 16, 20)
+    with pytest.raises(ValueError, match="unknown method"):
+        split_method("ekfac_x3")
     results = {
         "diabetes": {
             "pearson_pbrf": {"ekfac": {"mean": 0.9, "std": 0.05}, "identity": {"mean": 0.5, "std": 0.1}},

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_sequences, tiny_llama
 from safetensors.torch import load_file
 
 import lminfluence as li
+from helpers import random_sequences, tiny_llama
 from lminfluence.curvature.checkpoint import CHECKPOINT_DIR, KILL_ENV
 from lminfluence.task.causal_lm import CausalLMTask
 
@@ -88,7 +88,8 @@ def assert_identical(actual: dict, expected: dict) -> None:
 
 def test_killed_fit_resumes_to_identical_factors(tmp_path, reference):
     """Killed while writing a checkpoint in the second pass: the rerun resumes (it does not start
-    over) and its factors equal the uninterrupted fit's bit for bit."""
+    over) and its factors equal the uninterrupted fit's bit for bit.
+    """
     factors, resumed = killed_then_resumed(tmp_path, ["checkpoint:9"])
     assert resumed
     assert_identical(factors, reference)
@@ -103,7 +104,8 @@ def test_killed_fit_resumes_to_identical_factors(tmp_path, reference):
 def test_killed_fit_resumes_to_identical_factors_at_more_points(tmp_path, reference, kills):
     """More kill points: in the first pass, after its last batch (its finalize not checkpointed),
     while writing the checkpoint that closes it, in the second pass, during the very first
-    checkpoint (nothing usable yet: the rerun starts over), and twice in a row."""
+    checkpoint (nothing usable yet: the rerun starts over), and twice in a row.
+    """
     factors, resumed = killed_then_resumed(tmp_path, kills)
     assert resumed == (kills != ["checkpoint:1"])
     assert_identical(factors, reference)
@@ -137,7 +139,8 @@ EXECUTION = li.Execution(batch_size=2, checkpoint_seconds=0, cache_gib=0)  # the
 def test_fit_failing_midway_resumes_to_identical_factors(tmp_path, crash_at):
     """In-process version of the kill tests (an exception instead of SIGKILL, at the 3rd, 6th and
     9th batch: first pass, start of the second, late in the second): the rerun resumes and its
-    factors equal an uninterrupted fit's bit for bit."""
+    factors equal an uninterrupted fit's bit for bit.
+    """
     model = tiny_llama(dtype=torch.float32, hidden=32, mlp=64)
     train = random_sequences(10, lengths=(5, 12))
     want = li.fit_factors(model, train, task=CrashingTask(), execution=EXECUTION)
@@ -151,7 +154,8 @@ def test_fit_failing_midway_resumes_to_identical_factors(tmp_path, crash_at):
 def test_changed_inputs_invalidate_the_checkpoint(tmp_path):
     """A checkpoint is used only by a fit of the same model, data and settings: with another seed,
     other data or other weights the fit starts over (and equals a fresh fit); with the same ones it
-    resumes."""
+    resumes.
+    """
     model = tiny_llama(dtype=torch.float32, hidden=32, mlp=64)
     train = random_sequences(10, lengths=(5, 12))
     out = tmp_path / "f"

@@ -230,12 +230,15 @@ def test_covariance_sums_symmetrize_to_the_full_gram():
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(2, 7, 530, generator=g, dtype=torch.float64)
     x2 = torch.randn(3, 5, 530, generator=g, dtype=torch.float64)
-    packed = cm.pack_upper(cm.token_covariance(x1)) + cm.pack_upper(cm.token_covariance(x2))
+    packed = cm.packed_covariance(x1) + cm.packed_covariance(x2)  # D ≥ 512: computed in panels
     assert packed.numel() == 530 * 531 // 2
+    torch.testing.assert_close(packed, cm.pack_upper(cm.token_covariance(x1) + cm.token_covariance(x2)))
     full = cm.unpack_symmetric(packed)
     want = sum(x.reshape(-1, 530).T @ x.reshape(-1, 530) for x in (x1, x2))
     torch.testing.assert_close(full, want)
     assert torch.equal(full, full.T)
+    small = torch.randn(4, 3, 20, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cm.unpack_symmetric(cm.packed_covariance(small)), small.reshape(-1, 20).T @ small.reshape(-1, 20))
     mats = [m @ m.T for m in torch.randn(3, 40, 40, generator=g, dtype=torch.float64)]
     for (e, q), m in zip(cm.eigh_many(mats), mats):
         e1, q1 = cm.eigh64(m)

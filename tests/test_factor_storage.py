@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import allclose_report, dense_basis, random_queries, random_sequences, tiny_gpt2, tiny_llama
 
 import lminfluence as li
+from helpers import allclose_report, dense_basis, random_queries, random_sequences, tiny_gpt2, tiny_llama
 from lminfluence.curvature import math as cm
 from lminfluence.curvature.base import LazyLayer
 
@@ -29,7 +29,8 @@ def test_gate_and_up_share_one_A_equal_to_separate_fits(llama_fit, tmp_path):
     """gate_proj and up_proj read the same input, so one A (one eigendecomposition) serves both,
     held as one tensor object and stored once. It is bitwise the A of fits that track each layer
     alone (nothing shared there), and so are S and Λ: labels are drawn per sequence, the same in
-    every fit, and the same products are summed in the same order."""
+    every fit, and the same products are summed in the same order.
+    """
     model, train, factors = llama_fit
     cur = factors.curvature
     assert cur.shared_a == {UP: GATE, UP.replace("0", "1"): GATE.replace("0", "1")}
@@ -51,7 +52,8 @@ def test_one_block_is_the_full_matrix_and_blocks_are_the_diagonal_blocks():
     """blocks=1 is the full-matrix fit, bitwise. With k blocks, each block of A and S is the
     corresponding diagonal block of the full covariance (Q_b diag(e_b) Q_bᵀ = A[b, b], to float64
     eigendecomposition round-off), and its scores are -∇fᵀ(G_k + λI)⁻¹∇L with G_k the dense
-    block-diagonal EK-FAC matrix (checked in the parameter space by a dense solve)."""
+    block-diagonal EK-FAC matrix (checked in the parameter space by a dense solve).
+    """
     model = tiny_gpt2()  # Conv1D with bias: I = 17 and 65, uneven blocks
     train = random_sequences(6)
     queries = random_queries(2)
@@ -95,7 +97,8 @@ def test_block_basis_products_equal_dense_block_diagonal():
 def test_float32_storage_agrees_with_float64(model_dtype):
     """Factors stored in float32 (the default, except for float64 models) score like float64
     factors: per-query Pearson ≥ 0.9999 (the issue's bar; float32 rounding of Q and Λ moves scores
-    by ~1e-6 relative), and take half the bytes."""
+    by ~1e-6 relative), and take half the bytes.
+    """
     model = tiny_llama(dtype=model_dtype, hidden=32, mlp=48)
     train = random_sequences(10)
     queries = random_queries(3)
@@ -115,7 +118,8 @@ def test_float32_storage_agrees_with_float64(model_dtype):
 
 def test_lazy_factors_score_identically_and_hold_nothing(llama_fit, tmp_path):
     """load_factors(lazy=True) reads each layer's tensors from the file when used: the same scores,
-    full rank and rank 2, and no tensor held in the loaded state."""
+    full rank and rank 2, and no tensor held in the loaded state.
+    """
     model, train, factors = llama_fit
     factors.save(tmp_path / "f")
     lazy = li.load_factors(tmp_path / "f", model=model, lazy=True)
@@ -131,7 +135,8 @@ def test_lazy_factors_score_identically_and_hold_nothing(llama_fit, tmp_path):
 
 def test_sampled_labels_do_not_depend_on_the_batch_size():
     """Each sequence's labels come from its own seed: sampled-Fisher factors fitted with batch sizes
-    1, 3 and 8 are equal (to float64 summation-order round-off), and another seed gives others."""
+    1, 3 and 8 are equal (to float64 summation-order round-off), and another seed gives others.
+    """
     model = tiny_llama()
     train = random_sequences(8)
     fits = [li.fit_factors(model, train, execution=li.Execution(batch_size=b, cache_gib=0)) for b in (1, 3, 8)]
@@ -146,7 +151,8 @@ def test_sampled_labels_do_not_depend_on_the_batch_size():
 def test_sketched_low_rank_is_near_optimal_and_deterministic():
     """The randomised range finder (R + 16 samples, 2 power iterations) used for wide layers gives a
     rank-R approximation whose error is within 1e-6 relative of the truncated SVD's on matrices whose
-    spectrum decays like a query's, and the same factors on every call (fixed sketch seed)."""
+    spectrum decays like a query's, and the same factors on every call (fixed sketch seed).
+    """
     g = torch.Generator().manual_seed(0)
     Q, O, I, R = 3, 300, 200, 8
     u = torch.linalg.qr(torch.randn(Q, O, I, generator=g, dtype=torch.float64))[0]

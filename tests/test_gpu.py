@@ -5,10 +5,10 @@ Skipped without CUDA (``pytest -m gpu`` on a machine with a GPU).
 
 import pytest
 import torch
-from helpers import random_queries, random_sequences, spearman, tiny_llama
 
 import lminfluence as li
-from lminfluence.memory import half_autocast
+from helpers import random_queries, random_sequences, spearman, tiny_llama
+from lminfluence.passes import half_autocast
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,7 +20,8 @@ pytestmark = [
 def test_half_model_on_gpu_runs_under_autocast_with_float32_results(dtype):
     """A bf16/fp16 model on the GPU is fitted and scored under autocast: factors and scores are
     float32 and finite, and its scores rank the training set like the float32 model's on the CPU
-    (Spearman > 0.9 per query: half-precision weights differ, so only the ranking is compared)."""
+    (Spearman > 0.9 per query: half-precision weights differ, so only the ranking is compared).
+    """
     model32 = tiny_llama(dtype=torch.float32, hidden=64, mlp=128)
     train = random_sequences(16, lengths=(8, 16))
     queries = random_queries(3)

@@ -13,9 +13,9 @@ with ``ru_maxrss`` where the stages are large.
 
 import pytest
 import torch
-from helpers import random_queries, random_sequences, tiny_llama
 
 import lminfluence as li
+from helpers import random_queries, random_sequences, tiny_llama
 from lminfluence import memory
 from lminfluence.errors import ConfigError
 
@@ -38,7 +38,8 @@ def measured_peak(fn) -> tuple[int, object]:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"hidden{s['hidden']}")
 def test_estimates_are_within_25_percent_of_measured_peaks(size):
     """For two model sizes, the planned peak of fitting EK-FAC, and of preconditioning and scoring
-    queries (full rank and rank 4), is within 25% of the peak bytes of the tensors the stage creates."""
+    queries (full rank and rank 4), is within 25% of the peak bytes of the tensors the stage creates.
+    """
     model = tiny_llama(dtype=torch.float32, **size)
     train = random_sequences(12, vocab=size["vocab"], lengths=(64, 64))
     queries = random_queries(6, vocab=size["vocab"])
@@ -60,7 +61,8 @@ def test_automatic_sizes_fit_the_budget_and_explicit_ones_are_kept(monkeypatch):
     """Batch sizes left at None are the largest whose planned peaks fit the budget: one more
     sequence per batch would not fit; numbers given are kept; a budget nothing fits is refused
     with the fix named; the report names every stage. (What the process holds is fixed at 400 MiB
-    here: its resident size moves by tens of MiB between plans, as much as a batch of this model.)"""
+    here: its resident size moves by tens of MiB between plans, as much as a batch of this model.)
+    """
     monkeypatch.setattr(memory, "process_bytes", lambda device: 400 * 2**20)
     model = tiny_llama(dtype=torch.float32, **SIZES[1])
     kw = dict(num_sequences=64, seq_len=128, num_queries=8, query_len=16)

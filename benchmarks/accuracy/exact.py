@@ -9,10 +9,11 @@ tells the two possible sources of a disagreement apart: an estimator far from
 this reference is a poor approximation of G; a PBRF far from it is not
 converged (or ε is too large for the first-order regime).
 
-One conjugate-gradient solve per query, on full-batch Gauss–Newton-vector
-products (the library's ``GaussNewtonProduct``, the same products LiSSA uses);
-the preconditioned queries are then scored against every training point by the
-library's own scoring path.
+One conjugate-gradient solve per query (the library's ``conjugate_gradients``,
+unpreconditioned and started from zero), on full-batch Gauss–Newton-vector
+products (the library's ``DampedGaussNewton``, the same products LiSSA and
+the refinement use); the solved queries are then scored against every
+training point by the library's own scoring path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import torch
 
 import lminfluence as li
+from lminfluence.curvature.cg import DampedGaussNewton, conjugate_gradients, dot
 from lminfluence.curvature.gnvp import GaussNewtonProduct
 from lminfluence.curvature.math import sequence_gradients
 from lminfluence.passes import run_pass, tracking
@@ -31,39 +33,6 @@ from lminfluence.scoring.pairwise import score_preconditioned
 from .study import Setup
 
 Vec = dict[str, torch.Tensor]  # layer name -> [Q, O, I]
-
-
-def _dot(x: Vec, y: Vec) -> torch.Tensor:
-    return sum((x[n] * y[n]).sum((1, 2)) for n in x)  # type: ignore[return-value]
-
-
-def conjugate_gradients(apply, b: Vec, max_iter: int, tol: float) -> tuple[Vec, int, float]:
-    """Solve A x = b for Q right-hand sides at once (A symmetric positive definite).
-
-    Returns x, the iterations run and the largest final ‖r‖ / ‖b‖.
-    """
-    x = {n: torch.zeros_like(t) for n, t in b.items()}
-    r = {n: t.clone() for n, t in b.items()}
-    p = {n: t.clone() for n, t in b.items()}
-    rr = _dot(r, r)
-    b_norm = rr.sqrt().clamp_min(torch.finfo(rr.dtype).tiny)
-    it = 0
-    for it in range(1, max_iter + 1):
-        ap = apply(p)
-        alpha = rr / _dot(p, ap)
-        for n in x:
-            shape = (-1, 1, 1)
-            x[n] += alpha.view(shape) * p[n]
-            r[n] -= alpha.view(shape) * ap[n]
-        rr_new = _dot(r, r)
-        if float((rr_new.sqrt() / b_norm).max()) <= tol:
-            rr = rr_new
-            break
-        beta = rr_new / rr
-        rr = rr_new
-        for n in p:
-            p[n] = r[n] + beta.view(-1, 1, 1) * p[n]
-    return x, it, float((rr.sqrt() / b_norm).max())
 
 
 def exact_influence(setup: Setup, damping: float, max_iter: int = 500, tol: float = 1e-8, block_diagonal: bool = False) -> dict:
@@ -81,24 +50,17 @@ def exact_influence(setup: Setup, damping: float, max_iter: int = 500, tol: floa
         caps = next(run_pass(model, task, col, setup.queries, len(setup.queries), "measurement")).captures
         grads = {n: sequence_gradients(c.a, c.ds).double() for n, c in caps.items()}
     blocks = [{n: i} for n, i in factors.layers.items()] if block_diagonal else [dict(factors.layers)]
-    batch = task.collate(setup.train)
-    size = len(setup.train)
     solved: Vec = {}
     iters, residual = 0, 0.0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for layers in blocks:
-                gnvp = GaussNewtonProduct(model, task, layers)
-
-                def apply(v: Vec) -> Vec:
-                    gv = gnvp(batch, size, v)
-                    return {n: gv[n] + damping * v[n] for n in v}
-
-                x, it, res = conjugate_gradients(apply, {n: grads[n] for n in layers}, max_iter, tol)
-                solved.update(x)
-                iters, residual = max(iters, it), max(residual, res)
+            for layers in blocks:  # every training point in one chunk: full-batch products
+                apply = DampedGaussNewton(model, task, layers, setup.train, len(setup.train), {n: damping for n in layers})
+                res = conjugate_gradients(apply, {n: grads[n] for n in layers}, max_iter, tol=tol)
+                solved.update(res.x)
+                iters, residual = max(iters, res.steps_run), max(residual, float(res.residuals[-1].max()))
     finally:
         model.train(was_training)
     pq = {n: LayerQueries(dense=solved[n].to(grads[n].dtype)) for n in solved}
@@ -126,14 +88,14 @@ def max_eigenvalue(setup: Setup, iters: int = 30) -> float:
     try:
         with torch.no_grad():
             for _ in range(iters):
-                norm = float(_dot(x, x).sqrt())
+                norm = float(dot(x, x).sqrt())
                 x = {n: t / norm for n, t in x.items()}
                 gx = gnvp(batch, len(setup.train), x)
-                value = float(_dot(x, gx))
+                value = float(dot(x, gx))
                 x = gx
     finally:
         model.train(was_training)
     return value
 
 
-__all__ = ["exact_influence", "conjugate_gradients", "max_eigenvalue"]
+__all__ = ["exact_influence", "max_eigenvalue"]

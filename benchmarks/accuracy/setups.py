@@ -6,13 +6,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lminfluence import CausalLMTask
 
 from . import lm as lmmod
 from . import tasks as mlp
-from .study import Setup, load_json, save_json, save_tensors, load_tensors
+from .study import Setup, load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger("accuracy")
 

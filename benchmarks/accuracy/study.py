@@ -26,6 +26,7 @@ logger = logging.getLogger("accuracy")
 
 METHODS = ("identity", "diagonal", "kfac", "ekfac", "lissa")
 DRAWS = 16  # label draws per training example of the "_d16" variants
+CG_STEPS = (5, 10, 20)  # conjugate-gradient steps of the "ekfac_cg<k>" variants
 LABELS = {
     "identity": "gradient dot product",
     "diagonal": "diagonal",
@@ -34,15 +35,25 @@ LABELS = {
     "lissa": "LiSSA",
     f"kfac_d{DRAWS}": f"K-FAC, {DRAWS} label draws",
     f"ekfac_d{DRAWS}": f"EK-FAC, {DRAWS} label draws",
+    **{f"ekfac_cg{k}": f"EK-FAC + CG, k = {k}" for k in CG_STEPS},
+    **{f"ekfac_d{DRAWS}_cg{k}": f"EK-FAC, {DRAWS} draws, + CG, k = {k}" for k in CG_STEPS},
     "exact": "exact damped GN (CG)",
     "pbrf": "PBRF",
 }
 
 
-def split_method(method: str) -> tuple[str, int]:
-    """("ekfac_d16" -> ("ekfac", 16)): the strategy and the label draws per training example."""
-    strategy, _, draws = method.partition("_d")
-    return strategy, int(draws) if draws else 1
+def split_method(method: str) -> tuple[str, int, int | None]:
+    """("ekfac_d16_cg5" -> ("ekfac", 16, 5)): the strategy, label draws per training example, CG steps (None: no refinement)."""
+    strategy, *parts = method.split("_")
+    draws, steps = 1, None
+    for part in parts:
+        if part.startswith("cg") and part[2:].isdigit():
+            steps = int(part[2:])
+        elif part.startswith("d") and part[1:].isdigit():
+            draws = int(part[1:])
+        else:
+            raise ValueError(f"unknown method {method!r}: expected <strategy>[_d<draws>][_cg<steps>]")
+    return strategy, draws, steps
 
 
 @dataclass
@@ -129,10 +140,12 @@ def run_estimator(setup: Setup, method: str, damping: float, seed: int = 0) -> d
 
     Returns the scores [Q, N] (raw, docs/method.md §1: positive = raises f) and
     the seconds spent fitting and scoring. The damping is absolute (the
-    PBRF's λ), the same for every layer. ``method`` is a strategy, or
-    ``<strategy>_d<K>`` to fit on K label draws per training example.
+    PBRF's λ), the same for every layer. ``method`` is a strategy, with
+    ``_d<K>`` to fit on K label draws per training example and ``_cg<k>`` to
+    refine the queries by k conjugate-gradient steps on exact Gauss–Newton
+    products over the whole training set (``ScoreConfig(refine="cg")``).
     """
-    strategy, draws = split_method(method)
+    strategy, draws, steps = split_method(method)
     extra = setup.lissa if strategy == "lissa" else {}
     config = li.FactorConfig(strategy=strategy, modules=setup.modules, seed=seed, **extra)
     # draws > 1: each example appears ``draws`` times in the fitting data, each copy with its own
@@ -141,11 +154,11 @@ def run_estimator(setup: Setup, method: str, damping: float, seed: int = 0) -> d
     start = time.perf_counter()
     factors = li.fit_factors(setup.model, fit_data, config, task=setup.task, execution=li.Execution(batch_size=setup.batch_size))
     fitted = time.perf_counter()
-    score_cfg = li.ScoreConfig(damping=damping)
+    score_cfg = li.ScoreConfig(damping=damping) if steps is None else li.ScoreConfig(damping=damping, refine="cg", refine_steps=steps)
     score_exec = li.Execution(batch_size=setup.batch_size, query_batch_size=len(setup.queries))
     scores = li.compute_scores(setup.model, factors, setup.queries, setup.train, score_cfg, task=setup.task, execution=score_exec)
     done = time.perf_counter()
-    meta = {k: v for k, v in scores.meta.items() if k in ("strategy", "lissa")}
+    meta = {k: v for k, v in scores.meta.items() if k in ("strategy", "lissa", "refine")}
     return {
         "scores": scores.total.double().cpu(),
         "fit_s": fitted - start,
@@ -187,6 +200,7 @@ __all__ = [
     "METHODS",
     "LABELS",
     "DRAWS",
+    "CG_STEPS",
     "split_method",
     "run_estimator",
     "mean_gn_eigenvalue",

@@ -67,6 +67,9 @@ METHODS: dict[str, Method] = {
     # EK-FAC at the library's relative damping, λ = scale × each layer's mean eigenvalue (default 0.1)
     **{f"ekfac_s{s:g}": Method(f"EK-FAC, λ = {s:g} × layer mean{' (library default)' if s == 0.1 else ''}", fit={"strategy": "ekfac"},
                                score={"damping_scale": s}) for s in (0.001, 0.01, 0.1, 1.0)},
+    # EK-FAC refined by k conjugate-gradient steps on exact Gauss–Newton products over all N sequences
+    **{f"ekfac_cg{k}": Method(f"EK-FAC + CG, k = {k}", fit={"strategy": "ekfac"}, score={"refine": "cg", "refine_steps": k})
+       for k in (5, 10, 20)},
 }
 
 

@@ -92,7 +92,7 @@ def _batches(owner: object, name: str, counter: Counter, when) -> None:
 def install(at: str, action: str) -> None:
     import lminfluence.corpus.sequences as sequences
     import lminfluence.curvature.factors as factors
-    import lminfluence.curvature.fit as fit
+    import lminfluence.fitting as fit
     import lminfluence.workflow.rundir as rundir
     import lminfluence.workflow.scoring as scoring
     import lminfluence.workflow.tables as tables

@@ -11,7 +11,7 @@ from importlib.metadata import version as _version
 
 from .config import Execution, FactorConfig, ScoreConfig
 from .curvature.factors import Factors, load_factors
-from .curvature.fit import fit_factors
+from .fitting import fit_factors
 from .scoring.pairwise import Scores, compute_scores, compute_self_scores
 from .task.base import Task
 from .task.causal_lm import CausalLMTask, examples_from_pairs

@@ -19,11 +19,13 @@ Strategy = Literal["identity", "diagonal", "kfac", "ekfac", "lissa"]
 FisherType = Literal["sampled", "empirical"]
 Algorithm = Literal["auto", "materialize", "project"]
 FactorDtype = Literal["auto", "float32", "float64"]
+Refine = Literal["none", "cg"]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 FACTOR_DTYPES: tuple[str, ...] = get_args(FactorDtype)
+REFINES: tuple[str, ...] = get_args(Refine)
 
 
 def option(default: Any, help: str, *, key: str | None = None, flag: str | None = None, cli: bool = True) -> Any:
@@ -169,6 +171,17 @@ class ScoreConfig(Serializable):
         algorithm: ``auto`` picks per layer the cheaper of materialising each
             sequence's gradient and the projected per-token contraction;
             ``materialize``/``project`` force one (per_token needs ``project``).
+        refine: ``cg`` refines each query's preconditioned gradient by
+            conjugate gradients on (G + λI) x = ∇g, with G the exact
+            Gauss–Newton Hessian over all tracked layers jointly, preconditioned
+            by the fitted curvature and started from its solution
+            (``scoring/refine.py``); ``none`` keeps the fitted curvature's solution.
+        refine_steps: conjugate-gradient steps; each costs one pass over the
+            refinement data with Q forward- and reverse-mode products per
+            sequence, and one more pass forms the start's residual.
+        refine_sample: form the Gauss–Newton products over this many training
+            sequences, drawn without replacement with the fit's seed
+            (``FactorConfig.seed``); None uses every one.
     """
 
     damping_scale: float | None = option(0.1, "relative damping: λ = scale × mean eigenvalue, per layer")
@@ -177,6 +190,9 @@ class ScoreConfig(Serializable):
     per_layer: bool = option(False, "also return per-layer scores", cli=False)
     per_token: bool = option(False, "also return per-token scores", cli=False)
     algorithm: Algorithm = option("auto", "contraction: auto, materialize or project (the cheaper one per layer by default)")
+    refine: Refine = option("none", "refine the preconditioned queries by conjugate gradients on exact Gauss–Newton products (cg) or not (none)")
+    refine_steps: int = option(10, "conjugate-gradient steps of --refine cg; each is one pass over the refinement data")
+    refine_sample: int | None = option(None, "Gauss–Newton products of --refine cg over this many training sequences (seeded); default all")
 
     def __post_init__(self) -> None:
         if self.damping is not None:
@@ -189,6 +205,10 @@ class ScoreConfig(Serializable):
         check_choice("algorithm", self.algorithm, ALGORITHMS)
         check_bool("per_layer", self.per_layer)
         check_bool("per_token", self.per_token)
+        check_choice("refine", self.refine, REFINES)
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise ConfigError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+        check_positive_int("refine_sample", self.refine_sample, allow_none=True)
         if self.per_token and self.algorithm == "materialize":
             raise ConfigError("per_token scores need algorithm='project' or 'auto', not 'materialize'")
 
@@ -250,6 +270,7 @@ __all__ = [
     "FISHER_TYPES",
     "ALGORITHMS",
     "FACTOR_DTYPES",
+    "REFINES",
     "check_choice",
     "check_positive_int",
     "check_number",

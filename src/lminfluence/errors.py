@@ -49,6 +49,10 @@ class LissaDivergenceError(LminfluenceError, FloatingPointError):
     """The LiSSA recursion grew without bound: the scale α is too large for the curvature."""
 
 
+class RefinementError(LminfluenceError, FloatingPointError):
+    """Conjugate-gradient refinement met a direction of non-positive curvature: (G + λI) is not positive definite in this precision."""
+
+
 class PBRFConvergenceError(LminfluenceError, RuntimeError):
     """Adam did not reach the gradient-norm tolerance within max_steps."""
 
@@ -85,6 +89,7 @@ __all__ = [
     "BusyError",
     "TrackingError",
     "LissaDivergenceError",
+    "RefinementError",
     "PBRFConvergenceError",
     "exit_status",
     "describe",

@@ -42,6 +42,7 @@ def num_examples(data: Iterable) -> int | None:
 
 
 def batches(data: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
+    """Consecutive lists of ``batch_size`` examples (the last one shorter)."""
     chunk: list[Mapping[str, Any]] = []
     for ex in data:
         chunk.append(ex)
@@ -58,9 +59,23 @@ def collate_to(task: Task, examples: Sequence[Mapping[str, Any]], device: torch.
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def half_autocast(model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype for a half-precision (bf16/fp16) model on a GPU; None otherwise (run it as it is).
+
+    Under autocast the forward's matrix products run in half precision while
+    autocast keeps softmax, norms and losses in float32; the captures are cast
+    to float32 (``hooks.collector``), so factors and scores are float32.
+    """
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return p.dtype
 
 
 @contextlib.contextmanager
@@ -176,6 +191,7 @@ __all__ = [
     "tracking",
     "eval_mode",
     "model_device",
+    "half_autocast",
     "sequence_seed",
     "sequence_generators",
     "BatchCapture",

@@ -2,7 +2,6 @@
 
 from .base import Curvature, EigenbasisCurvature, Identity
 from .factors import Factors, load_factors, save_factors, tracked_modules
-from .fit import fit_factors
 from .lissa import LiSSA, LissaSolver
 from .strategies import EKFAC, KFAC, STRATEGY_CLASSES, Diagonal, make_curvature
 
@@ -18,7 +17,6 @@ __all__ = [
     "STRATEGY_CLASSES",
     "make_curvature",
     "Factors",
-    "fit_factors",
     "load_factors",
     "save_factors",
     "tracked_modules",

@@ -77,8 +77,8 @@ class Curvature:
         self.state: dict[str, Any] = {n: {} for n in layers}
         self.shared_a: dict[str, str] = {}  # layer → the layer whose A factor it uses
         self.offload = False
-        self.lazy = False
-        self.dtype: torch.dtype | None = None  # storage dtype of fitted tensors, set by the first batch  # state read from disk on each access (load_factors(..., lazy=True))
+        self.lazy = False  # state read from the file on each access (load_factors(..., lazy=True))
+        self.dtype: torch.dtype | None = None  # storage dtype of fitted tensors, set by the first batch
         # Q_A, Q_S cast to the compute dtype and device, derived from state (never saved)
         self._bases: dict[tuple, Any] = {}
         self._means: dict[str, float] = {}
@@ -211,8 +211,11 @@ class EigenbasisCurvature(Curvature):
     """
 
     def storage_dtype(self, compute: torch.dtype) -> torch.dtype:
-        """The dtype fitted factors are stored in: ``FactorConfig.factor_dtype``, or for
-        ``auto`` the captures' compute dtype (float32 unless the model computes in float64)."""
+        """The dtype fitted factors are stored in.
+
+        ``FactorConfig.factor_dtype``, or for ``auto`` the captures' compute dtype
+        (float32 unless the model computes in float64).
+        """
         choice = getattr(self.config, "factor_dtype", "auto")
         return compute if choice == "auto" else getattr(torch, choice)
 
@@ -267,7 +270,7 @@ class EigenbasisCurvature(Curvature):
             if owner in users and cm.rotates_tokens(cap.a.shape[1], cap.a.shape[2], cap.ds.shape[2], q_a, q_s):
                 a_rotated = rotated.get(owner)
                 if a_rotated is None:
-                    a_rotated = rotated[owner] = cm.right(cap.a, q_a)  # type: ignore[arg-type]
+                    a_rotated = rotated[owner] = cm.right(cap.a, q_a)
                 users[owner] -= 1
                 if users[owner] == 0:
                     del rotated[owner]

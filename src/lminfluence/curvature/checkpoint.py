@@ -67,6 +67,11 @@ def _hash_value(h: Any, value: Any) -> None:
     h.update(repr(value).encode())
 
 
+def _write_tensors(path: Path, curvature: Curvature) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in curvature.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
 def examples_digest(data: Iterable[Mapping[str, Any]]) -> str:
     """A hash of every example's keys and values, in order."""
     h = hashlib.sha256()
@@ -79,6 +84,7 @@ def examples_digest(data: Iterable[Mapping[str, Any]]) -> str:
 
 
 def fit_key(parts: Mapping[str, Any]) -> str:
+    """A hash of everything a fit's factors depend on (a JSON-able mapping)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -132,9 +138,7 @@ class FitCheckpoint:
         self.saves += 1
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"state-{self.saves:06d}-{os.getpid()}.safetensors"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in curvature.state_dict().items()}
-        atomic_write(self.directory / name, lambda tmp: save_file(tensors, tmp))
-        del tensors
+        _write_tensors(self.directory / name, curvature)
         test_kill("checkpoint", self.saves)
         meta = {
             "format": CHECKPOINT_FORMAT,

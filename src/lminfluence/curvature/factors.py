@@ -193,9 +193,8 @@ def load_factors(path: str | Path, model: nn.Module | None = None, *, lazy: bool
         if not tensor_path.is_file():
             raise FileNotFoundError(f"no factors at {path}: {FACTORS_FILE} is missing next to {MANIFEST_FILE}")
         source = SafetensorsSource(tensor_path)
-        if not lazy:
-            source = {k: source[k] for k in source}
-        curvature.load_state_dict(source, manifest.get("shared_a") or {}, lazy=lazy)
+        tensors: Mapping[str, torch.Tensor] = source if lazy else {k: source[k] for k in source}
+        curvature.load_state_dict(tensors, manifest.get("shared_a") or {}, lazy=lazy)
         factors = Factors(
             config=config,
             curvature=curvature,

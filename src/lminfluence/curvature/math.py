@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Union
 
 import torch
 
 # Largest [chunk, O, I] intermediate built at once, in elements (64 MiB in float32).
 CHUNK_ELEMENTS = 1 << 24
 
-Basis = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+Basis = torch.Tensor | tuple[torch.Tensor, ...]
 
 # Randomised low-rank factorisation (Halko, Martinsson & Tropp 2011, Alg. 4.4): extra
 # sample directions beyond the rank, and power iterations (each one M Mᵀ product).
@@ -86,10 +85,12 @@ def block_slices(dim: int, blocks: int) -> list[slice]:
 
 
 def as_blocks(q: Basis) -> tuple[torch.Tensor, ...]:
+    """The diagonal blocks of a basis (one for a dense basis)."""
     return q if isinstance(q, tuple) else (q,)
 
 
 def basis_dim(q: Basis) -> int:
+    """The size of the space a basis spans."""
     return sum(b.shape[0] for b in as_blocks(q))
 
 
@@ -110,8 +111,10 @@ def dense_basis(q: Basis) -> torch.Tensor:
     return q if isinstance(q, torch.Tensor) else torch.block_diag(*q)
 
 
-def _apply_last(x: torch.Tensor, q: Basis, transpose: bool) -> torch.Tensor:
-    """x @ Q (or x @ Qᵀ) along the last axis of x."""
+def _apply_last(x: torch.Tensor, q: Basis | None, transpose: bool) -> torch.Tensor:
+    """The product x Q (or x Qᵀ) along the last axis of x; None is the identity."""
+    if q is None:
+        return x
     if isinstance(q, torch.Tensor):
         return x @ (q.T if transpose else q)
     parts, start = [], 0
@@ -122,22 +125,22 @@ def _apply_last(x: torch.Tensor, q: Basis, transpose: bool) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def right(x: torch.Tensor, q: Basis) -> torch.Tensor:
-    """x Q, along x's last axis."""
+def right(x: torch.Tensor, q: Basis | None) -> torch.Tensor:
+    """The product x Q, along x's last axis."""
     return _apply_last(x, q, False)
 
 
-def right_t(x: torch.Tensor, q: Basis) -> torch.Tensor:
-    """x Qᵀ, along x's last axis."""
+def right_t(x: torch.Tensor, q: Basis | None) -> torch.Tensor:
+    """The product x Qᵀ, along x's last axis."""
     return _apply_last(x, q, True)
 
 
-def left(q: Basis, m: torch.Tensor) -> torch.Tensor:
+def left(q: Basis | None, m: torch.Tensor) -> torch.Tensor:
     """Q m, along m's second-to-last axis."""
     return _apply_last(m.transpose(-1, -2), q, True).transpose(-1, -2)
 
 
-def left_t(q: Basis, m: torch.Tensor) -> torch.Tensor:
+def left_t(q: Basis | None, m: torch.Tensor) -> torch.Tensor:
     """Qᵀ m, along m's second-to-last axis."""
     return _apply_last(m.transpose(-1, -2), q, False).transpose(-1, -2)
 
@@ -147,23 +150,56 @@ def sequence_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     return torch.bmm(ds.transpose(1, 2), a)  # [B, O, T] @ [B, T, I]
 
 
-def token_covariance(x: torch.Tensor) -> torch.Tensor:
-    """Σ over all positions of x_t x_tᵀ, [D, D], one matrix product in x's dtype.
+PANELS = 4  # row panels of a covariance computed above its diagonal (10 of 16 tiles' products for 4)
+PANEL_MIN_DIM = 512  # below this one full product is as fast
 
-    Callers add it into a float64 running sum. (Computing only the upper
-    triangle, in tiles, does half the products but ran slower than one
-    product on CPUs: the tiles' copies and the sum's extra pass cost more.)
-    """
+
+def token_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Σ over all positions of x_t x_tᵀ, [D, D], one matrix product in x's dtype."""
     flat = x.reshape(-1, x.shape[-1])  # [B·T, D]
     return flat.T @ flat
 
 
+_PANELS: dict[tuple[int, str], list[tuple[int, int, torch.Tensor]]] = {}
+
+
+def _panel_index(dim: int, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    """For each row panel [r0, r1) × [r0, D): its bounds and the flat positions of its upper-triangle entries."""
+    key = (dim, str(device))
+    if key not in _PANELS:
+        step = -(-dim // PANELS)
+        panels = []
+        for r0 in range(0, dim, step):
+            r1, width = min(r0 + step, dim), dim - r0
+            rows, cols = torch.triu_indices(r1 - r0, width, device=device)  # local row ρ, local col ≥ ρ
+            panels.append((r0, r1, rows * width + cols))
+        _PANELS[key] = panels
+    return _PANELS[key]
+
+
+def packed_covariance(x: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of Σ_t x_t x_tᵀ, packed row by row (``pack_upper``'s layout), [D(D+1)/2], in x's dtype.
+
+    For D ≥ ``PANEL_MIN_DIM`` only row panels on and above the diagonal are
+    multiplied (10/16 of a full product for 4 panels), each then packed.
+    """
+    flat = x.reshape(-1, x.shape[-1])  # [B·T, D]
+    D = flat.shape[1]
+    if D < PANEL_MIN_DIM:
+        return pack_upper(flat.T @ flat)
+    parts = []
+    for r0, r1, index in _panel_index(D, flat.device):
+        panel = flat[:, r0:r1].T @ flat[:, r0:]  # [r1 - r0, D - r0]
+        parts.append(panel.reshape(-1).index_select(0, index))
+    return torch.cat(parts)
+
+
 def block_covariances(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, ...]:
-    """``token_covariance`` of each block of consecutive coordinates of x [..., D] (one block: the full matrix)."""
+    """``packed_covariance`` of each block of consecutive coordinates of x [..., D] (one block: the full matrix)."""
     slices = block_slices(x.shape[-1], blocks)
     if len(slices) == 1:
-        return (token_covariance(x),)
-    return tuple(token_covariance(x[..., s]) for s in slices)
+        return (packed_covariance(x),)
+    return tuple(packed_covariance(x[..., s]) for s in slices)
 
 
 def symmetrize(upper: torch.Tensor) -> torch.Tensor:
@@ -184,8 +220,10 @@ def _upper_index(dim: int, device: torch.device) -> torch.Tensor:
 
 
 def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle (diagonal included) of a symmetric [D, D] matrix, row by row, [D(D+1)/2]:
-    the running sums of A and S are kept packed, half the memory of the full matrices."""
+    """The upper triangle (diagonal included) of a symmetric [D, D] matrix, row by row, [D(D+1)/2].
+
+    The running sums of A and S are kept packed: half the memory of the full matrices.
+    """
     return matrix.reshape(-1).index_select(0, _upper_index(matrix.shape[0], matrix.device))
 
 
@@ -204,9 +242,13 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def eigh_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``eigh64`` of each matrix. On the CPU, each eigendecomposition runs on one thread and as many
-    run at once as torch has threads: LAPACK's eigensolvers scale poorly across threads, and on a
-    busy machine two-thread ones ran four times slower than one-thread ones (results are the same)."""
+    """``eigh64`` of each matrix.
+
+    On the CPU, each eigendecomposition runs on one thread and as many run at
+    once as torch has threads: LAPACK's eigensolvers scale poorly across
+    threads, and on a busy machine two-thread ones ran four times slower than
+    one-thread ones (results are the same).
+    """
     if not matrices or matrices[0].device.type != "cpu":
         return [eigh64(m) for m in matrices]
     from concurrent.futures import ThreadPoolExecutor
@@ -229,8 +271,7 @@ def eigh_blocks(sums: tuple[torch.Tensor, ...], count: int, dtype: torch.dtype) 
 
 
 def rotates_tokens(T: int, I: int, O: int, q_a: Basis | None, q_s: Basis | None) -> bool:
-    """Whether rotating each token, (ds Q_S)ᵀ(ā Q_A), costs fewer products than rotating each
-    sequence's gradient, Q_Sᵀ (dsᵀā) Q_A."""
+    """Whether rotating each token, (ds Q_S)ᵀ(ā Q_A), costs fewer products than each sequence's gradient, Q_Sᵀ (dsᵀā) Q_A."""
     if q_a is None:
         return False
     ca, cs = basis_cost(q_a, I), basis_cost(q_s, O)
@@ -347,8 +388,11 @@ def low_rank_sketched(
 
 
 def factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-R factors of P [Q, O, I]: exact (``low_rank``) when the small side is at most
-    twice the sketch size, where the Gram eigendecomposition is cheap; sketched otherwise."""
+    """Rank-R factors of P [Q, O, I].
+
+    Exact (``low_rank``) when the small side is at most twice the sketch size,
+    where the Gram eigendecomposition is cheap; sketched (``low_rank_sketched``) otherwise.
+    """
     if min(p.shape[-2:]) <= 2 * (rank + OVERSAMPLE):
         return low_rank(p, rank)
     return low_rank_sketched(p, rank)
@@ -368,6 +412,7 @@ __all__ = [
     "left_t",
     "sequence_gradients",
     "token_covariance",
+    "packed_covariance",
     "block_covariances",
     "symmetrize",
     "pack_upper",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import ClassVar
 
 import torch
 
@@ -46,7 +47,7 @@ class KFAC(EigenbasisCurvature):
     """
 
     name = "kfac"
-    passes = (COVARIANCE,)
+    passes: ClassVar[tuple[str, ...]] = (COVARIANCE,)
     kronecker_eigenvalues = True  # Λ = T̄ e_S e_Aᵀ (EK-FAC refits Λ instead)
 
     def _owners(self, captures: dict[str, LayerCapture]) -> dict[str, str]:
@@ -69,8 +70,8 @@ class KFAC(EigenbasisCurvature):
         for name, cap in captures.items():
             st = self.state[name]
             if owners[name] == name:  # a shared A is counted once, by its owner
-                _add(st, "a_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.a, blocks)))
-            _add(st, "s_sum", tuple(cm.pack_upper(c) for c in cm.block_covariances(cap.ds, blocks)))
+                _add(st, "a_sum", cm.block_covariances(cap.a, blocks))
+            _add(st, "s_sum", cm.block_covariances(cap.ds, blocks))
         if self.dtype is None:
             self.dtype = self.storage_dtype(next(iter(captures.values())).a.dtype)
 
@@ -131,6 +132,7 @@ STRATEGY_CLASSES: dict[str, type[Curvature]] = {c.name: c for c in (Identity, Di
 
 
 def make_curvature(strategy: str, layers: dict[str, LayerInfo], config=None) -> Curvature:
+    """An empty curvature of ``strategy`` for ``layers``."""
     if strategy not in STRATEGY_CLASSES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CLASSES)}")
     return STRATEGY_CLASSES[strategy](layers, config)

@@ -41,7 +41,7 @@ class LayerQueries:
     @classmethod
     def precondition(
         cls, curvature: Curvature, name: str, a: torch.Tensor, ds: torch.Tensor, damping: float, rank: int | None
-    ) -> "LayerQueries":
+    ) -> LayerQueries:
         """(G + λI)⁻¹ ∇g for each query of a capture, dense, or rank-``rank`` factors when that is smaller."""
         if rank is None or rank >= min(a.shape[-1], ds.shape[-1]):
             return cls(dense=curvature.precondition_captures(name, a, ds, damping))
@@ -49,7 +49,7 @@ class LayerQueries:
         return cls(u=u, s=s, v=w)
 
     @classmethod
-    def concat(cls, parts: list["LayerQueries"]) -> "LayerQueries":
+    def concat(cls, parts: list[LayerQueries]) -> LayerQueries:
         """The queries of several parts, in order (one part is returned as it is, without a copy)."""
         if len(parts) == 1:
             return parts[0]
@@ -60,7 +60,7 @@ class LayerQueries:
 
         return cls(dense=cat("dense"), u=cat("u"), s=cat("s"), v=cat("v"))
 
-    def select(self, index: torch.Tensor | list[int]) -> "LayerQueries":
+    def select(self, index: torch.Tensor | list[int]) -> LayerQueries:
         """The preconditioned gradients of some queries only."""
         idx = torch.as_tensor(index, dtype=torch.long)
 
@@ -78,6 +78,13 @@ class LayerQueries:
         return (self.dense if self.dense is not None else self.u).shape[0]  # type: ignore[union-attr]
 
     @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, σ, V) of rank-R queries."""
+        if self.u is None or self.s is None or self.v is None:
+            raise ValueError("these preconditioned queries are dense, not rank-R factors")
+        return self.u, self.s, self.v
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: the dense form and/or the factors."""
         return sum(t.numel() * t.element_size() for t in (self.dense, self.u, self.s, self.v) if t is not None)
@@ -93,7 +100,8 @@ class LayerQueries:
         """The dense [Q, O, I] (reconstructed from the factors if needed; kept for reuse when ``keep``)."""
         if self.dense is not None:
             return self.dense
-        dense = (self.u * self.s.unsqueeze(1)) @ self.v.transpose(1, 2)  # [Q, O, R] @ [Q, R, I]
+        u, s, v = self.factors
+        dense = (u * s.unsqueeze(1)) @ v.transpose(1, 2)  # [Q, O, R] @ [Q, R, I]
         if keep:
             self.dense = dense
         return dense
@@ -123,6 +131,25 @@ def choose(lq: LayerQueries, T: int, O: int, I: int, per_token: bool, forced: st
     else:
         cost_proj = T * Q * O * I
     return "materialize" if cost_mat <= cost_proj else project
+
+
+KEEP_GAIN = 1.25  # a rank-R layer keeps its dense form only when that makes its contraction this much cheaper
+
+
+def worth_keeping(lq: LayerQueries, T: int, O: int, I: int, batch: int) -> bool:
+    """Whether keeping a rank-R layer's dense [Q, O, I] across batches cuts its contraction by ``KEEP_GAIN``.
+
+    With it kept, materialising costs T·O·I + Q·O·I per sequence; without, the
+    cheaper of projecting, T·(O+I)·R·Q, and materialising after expanding the
+    factors in every batch (Q·O·I·R more per batch). Where the gain is small
+    (wide layers, few queries) the memory the rank saves is worth more.
+    """
+    if not lq.is_low_rank or lq.dense is not None:
+        return False
+    Q, R = lq.num_queries, lq.factors[0].shape[-1]
+    kept = T * O * I + Q * O * I
+    not_kept = min(T * (O + I) * R * Q, kept + Q * O * I * R // max(batch, 1))
+    return not_kept > KEEP_GAIN * kept
 
 
 def layer_scores(
@@ -170,4 +197,4 @@ def _project_dense(p: torch.Tensor, a2: torch.Tensor, ds2: torch.Tensor) -> torc
     return torch.cat(out, dim=1)
 
 
-__all__ = ["LayerQueries", "choose", "layer_scores", "DENSE_QUERY_BUDGET"]
+__all__ = ["LayerQueries", "choose", "layer_scores", "worth_keeping", "DENSE_QUERY_BUDGET", "KEEP_GAIN"]

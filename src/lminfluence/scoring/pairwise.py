@@ -14,10 +14,10 @@ from torch import nn
 from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import InputError
-from ..memory import half_autocast, headroom
-from ..passes import as_reiterable, model_device, run_pass, tracking
+from ..memory import headroom
+from ..passes import as_reiterable, half_autocast, model_device, run_pass, tracking
 from ..task.base import Task
-from .contract import LayerQueries, choose, layer_scores
+from .contract import LayerQueries, choose, layer_scores, worth_keeping
 from .precondition import make_preconditioner
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ def _sizes(
     return plan.execution(execution), plan
 
 
+def _size(size: int | None) -> int:
+    """A batch size that ``_sizes`` has resolved."""
+    if size is None:
+        raise RuntimeError("a batch size was left unresolved (a bug in lminfluence)")
+    return size
+
+
 def precondition_queries(
     model: nn.Module,
     factors: Factors,
@@ -122,16 +129,23 @@ def precondition_queries(
 
     Args:
         curvature_data: the training examples LiSSA draws its Gauss–Newton products from
-            (needed, and only used, with ``strategy="lissa"``).
+            (needed, and only used, with ``strategy="lissa"`` or ``config.refine="cg"``).
         meta: when given, the preconditioner's diagnostics are added to it (LiSSA's α, μ̂_max).
     """
     modules, dampings, task, _ = _setup(model, factors, config, task)
     queries = as_reiterable(queries, "queries")
-    if execution.query_batch_size is None:
-        execution, _ = _sizes(model, factors, config, execution, task, queries=queries, stages=("precondition",))
-    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data)
+    refining = config.refine != "none" and curvature_data is not None  # CG's products pass over the training data
+    if execution.query_batch_size is None or (refining and execution.batch_size is None):
+        stages = ("precondition", "score") if refining else ("precondition",)
+        if refining:
+            curvature_data = as_reiterable(curvature_data, "curvature_data")
+        execution, _ = _sizes(model, factors, config, execution, task, train=curvature_data if refining else None, queries=queries, stages=stages)
+    if execution.offload_factors:  # no device copies of the factors kept: one layer at a time
+        factors.curvature.offload = True
+    batch_size = _size(execution.batch_size) if refining else execution.batch_size or 1
+    pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data, config, batch_size)
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, queries, execution.query_batch_size, "measurement", autocast=half_autocast(model), desc="queries"):
+        for bc in run_pass(model, task, col, queries, _size(execution.query_batch_size), "measurement", autocast=half_autocast(model), desc="queries"):
             pre.add(bc.captures)
     result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
     if meta is not None:
@@ -162,8 +176,8 @@ def compute_scores(
     batches with one forward and one backward pass each, the backward reaching
     only the tracked layers' outputs (no parameter gradients). Memory does not
     grow with N beyond the result.
-    With ``strategy="lissa"`` the Gauss–Newton products are drawn from
-    ``curvature_data`` (default: ``train``).
+    With ``strategy="lissa"`` or ``config.refine="cg"`` the Gauss–Newton products
+    are formed over ``curvature_data`` (default: ``train``).
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
@@ -221,26 +235,23 @@ def score_preconditioned(
     pq = preconditioned
     train = as_reiterable(train, "train")
     execution, plan = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
-    # A rank-R layer chosen to materialise is expanded to its dense [Q, O, I] per batch; the dense
-    # form is kept across batches only where it is at most twice the factors' size and fits in what
-    # the budget leaves (otherwise it would cost the memory the rank was chosen to save).
+    # A rank-R layer whose contraction is much cheaper from its dense [Q, O, I] keeps that dense form
+    # across batches, while it fits in what the budget leaves (decided at its first batch: ``worth_keeping``).
     spare = max(0, plan.budget - plan.stages["score"].peak) if plan is not None else headroom(model_device(model), execution) // 2
     keep: dict[str, bool] = {}
-    for name in modules:
-        lq = pq[name]
-        small = lq.dense is not None or not lq.is_low_rank or lq.expanded_bytes <= 2 * lq.nbytes
-        keep[name] = small and (not lq.is_low_rank or lq.dense is not None or lq.expanded_bytes <= spare)
-        if keep[name] and lq.is_low_rank and lq.dense is None:
-            spare -= lq.expanded_bytes
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, execution.batch_size, "true", autocast=half_autocast(model), desc="score"):
+        for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="score"):
             batch_total = 0
             batch_tokens = 0
             for name, cap in bc.captures.items():
                 B, T, I = cap.a.shape
+                if name not in keep:
+                    lq = pq[name]
+                    keep[name] = lq.dense is not None or (worth_keeping(lq, T, cap.ds.shape[-1], I, B) and lq.expanded_bytes <= spare)
+                    spare -= lq.expanded_bytes if keep[name] and lq.dense is None else 0
                 algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm, B, keep[name])
                 tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm, keep[name])
                 batch_total = batch_total + tot
@@ -275,15 +286,19 @@ def compute_self_scores(
     """
     if config.per_token:
         raise InputError("per_token is not defined for self-influence; use per_layer")
+    if config.refine != "none":
+        raise InputError("refine applies to queries (one solve each), not to self-influence: use refine='none'")
     modules, dampings, task, meta = _setup(model, factors, config, task)
     train = as_reiterable(train, "train")
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
     curvature = factors.curvature
+    if execution.offload_factors:
+        curvature.offload = True
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, train, execution.batch_size, "true", autocast=half_autocast(model), desc="self-influence"):
+        for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="self-influence"):
             batch_total = 0
             for name, cap in bc.captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]

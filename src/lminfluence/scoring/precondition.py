@@ -10,6 +10,9 @@ pass (``add``) and hands back every layer's ``LayerQueries`` after it
 - ``LissaPreconditioner``: LiSSA couples the layers and runs the model
   itself, so it keeps the dense query gradients and solves once the queries'
   pass (and its hooks) are done.
+
+``refine.CGPreconditioner`` (``ScoreConfig(refine="cg")``) refines a layerwise
+curvature's solution by conjugate gradients, solving after the pass as LiSSA does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..config import ScoreConfig
 from ..curvature.base import Curvature
 from ..curvature.factors import Factors
 from ..curvature.lissa import LissaSolver
@@ -89,9 +93,18 @@ class LissaPreconditioner:
 
 
 def make_preconditioner(
-    model: nn.Module, factors: Factors, dampings: dict[str, float], rank: int | None, task: Any, curvature_data: Any
+    model: nn.Module, factors: Factors, dampings: dict[str, float], rank: int | None, task: Any, curvature_data: Any,
+    config: ScoreConfig | None = None, batch_size: int = 8,
 ) -> QueryPreconditioner:
-    """The preconditioner of ``factors``' strategy; LiSSA draws its products' mini-batches from ``curvature_data``."""
+    """The preconditioner of ``factors``' strategy, or its conjugate-gradient refinement (``config.refine``).
+
+    LiSSA draws its products' mini-batches from ``curvature_data``; the refinement forms its products over
+    all of it (or ``config.refine_sample`` of it), ``batch_size`` sequences at a time.
+    """
+    if config is not None and config.refine == "cg":
+        from .refine import CGPreconditioner
+
+        return CGPreconditioner(model, factors, dampings, rank, task, curvature_data, config, batch_size)
     if factors.strategy == "lissa":
         solver = LissaSolver(model, task, curvature_data, factors.layers, factors.config)
         return LissaPreconditioner(solver, dampings, rank)

@@ -17,6 +17,7 @@ the caller: a store must only ever hold pieces of one configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,6 +233,11 @@ class _Run:
         self.config, self.stages, self.task, self.execution = config, stages, task, execution
         self.store = store
         self.chunk_size = chunk_size
+        self.residuals: dict[int, list[float]] = {}  # query → relative residual per refinement step
+
+    def _config(self, rank: int | None) -> ScoreConfig:
+        """The caller's settings (damping, algorithm, refinement) at query rank ``rank``, without details."""
+        return dataclasses.replace(self.config, query_rank=rank, per_layer=False, per_token=False)
 
     def precondition(self, qs: np.ndarray, rank: int | None, *, shared: bool = False) -> dict[str, LayerQueries]:
         """The queries ``qs`` preconditioned (rank-``rank`` factors or dense).
@@ -239,12 +245,18 @@ class _Run:
         ``shared`` (call it on every rank): each rank preconditions its share of ``qs`` once and
         broadcasts it, so all ranks hold all of them.
         """
-        cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
+        cfg = self._config(rank)
 
         def local(idx: np.ndarray) -> dict[str, LayerQueries]:
-            return precondition_queries(
-                self.model, self.factors, [self.queries[i] for i in idx], cfg, task=self.task, execution=self.execution, curvature_data=self.train
-            )
+            meta: dict[str, Any] = {}
+            out = precondition_queries(
+                self.model, self.factors, [self.queries[i] for i in idx], cfg, task=self.task, execution=self.execution,
+                curvature_data=self.train, meta=meta,
+            )  # fmt: skip
+            for j, q in enumerate(idx):  # the refinement's residuals of each query, from its latest solve here
+                if "refine" in meta:
+                    self.residuals[int(q)] = meta["refine"]["residual_by_step"][j]
+            return out
 
         if not (shared and dist.active()):
             return local(qs)
@@ -254,7 +266,7 @@ class _Run:
         return _share(mine, positions, list(self.factors.layers), model_device(self.model))
 
     def score(self, pq: dict[str, LayerQueries], rank: int | None, rows: np.ndarray) -> np.ndarray:
-        cfg = ScoreConfig(damping_scale=self.config.damping_scale, damping=self.config.damping, query_rank=rank, algorithm=self.config.algorithm)
+        cfg = self._config(rank)
         out = score_preconditioned(self.model, self.factors, pq, subset(self.train, rows), cfg, task=self.task, execution=self.execution)
         return out.total.double().numpy()
 
@@ -482,8 +494,12 @@ def two_stage_scores(
     shown = run.details(union, choice, detail_rank)
     from .pairwise import SCALE_NOTE, layer_dampings
 
-    meta = {"strategy": factors.strategy, "damping": layer_dampings(factors, config), "query_rank": config.query_rank,
+    meta: dict[str, Any] = {"strategy": factors.strategy, "damping": layer_dampings(factors, config), "query_rank": config.query_rank,
             "train_size": factors.num_sequences, "scale": SCALE_NOTE}  # fmt: skip
+    if config.refine != "none":  # residuals of the queries this process solved (under torchrun, its share)
+        steps = [run.residuals.get(q) for q in range(len(queries))]
+        meta["refine"] = {"method": config.refine, "steps": config.refine_steps, "sample": config.refine_sample,
+                          "residual_start": [r[0] if r else None for r in steps], "residual": [r[-1] if r else None for r in steps]}  # fmt: skip
     return TwoStageResult(columns=union, first=first, final=final, tfidf=tfidf, shown=shown, meta=meta)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def _as_long_1d(value: Any, key: str, index: int) -> torch.Tensor:
     return t.long()
 
 
-Generators = Union[torch.Generator, Sequence[torch.Generator]]
+Generators = torch.Generator | Sequence[torch.Generator]
 
 
 def _uniforms(rows: int, generators: Generators, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .. import distributed as dist
 from ..corpus.readers import read_documents
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors, load_factors
-from ..curvature.fit import fit_factors
+from ..fitting import fit_factors
 from ..errors import InputError, StaleError
 from ..fingerprint import model_fingerprint, tokenizer_fingerprint
 from ..hooks.modules import resolve_modules

@@ -12,22 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Execution, FactorConfig
-from ..errors import InputError
-from ..fingerprint import model_fingerprint
-from ..hooks.modules import layer_info, resolve_modules
-from ..passes import (
-    BatchCapture,
-    as_reiterable,
-    model_device,
-    num_examples,
-    run_pass,
-    tracking,
-)
-from ..task.base import Task
-from .checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
-from .factors import Factors
-from .strategies import make_curvature
+from .config import Execution, FactorConfig
+from .curvature.checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
+from .curvature.factors import Factors
+from .curvature.strategies import make_curvature
+from .errors import InputError
+from .fingerprint import model_fingerprint
+from .hooks.modules import layer_info, resolve_modules
+from .passes import BatchCapture, LossKind, as_reiterable, half_autocast, model_device, num_examples, run_pass, tracking
+from .task.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +111,8 @@ def fit_factors(
             checkpoints its progress there (``Execution.checkpoint_seconds``):
             run again after a crash, it resumes and ends with the same factors.
     """
-    from ..memory import half_autocast, headroom, plan_for_data
-    from ..task.causal_lm import CausalLMTask
+    from .memory import headroom, plan_for_data
+    from .task.causal_lm import CausalLMTask
 
     if not isinstance(config, FactorConfig):
         raise TypeError(f"config must be a FactorConfig, got {type(config).__name__}")
@@ -151,13 +144,14 @@ def fit_factors(
     progress.batch_size = batch_size
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
-    kind = "sampled" if config.fisher == "sampled" else "true"
+    kind: LossKind = "sampled" if config.fisher == "sampled" else "true"
     autocast = half_autocast(model)
     total = num_examples(train)
     # a pass resumed midway cannot fill the cache: the second pass then recomputes (same result)
     use_cache = len(curvature.passes) > 1 and not resumed
     cache = CaptureCache(cache_gib or 0.0, total) if use_cache else None
     batches_done = 0
+    counts = (0, 0)
     with tracking(model, modules) as collector:
         for index, pass_name in enumerate(curvature.passes):
             if index < progress.pass_index:
