@@ -30,6 +30,7 @@ Usage::
     nice -n 10 python benchmarks/paper_study.py                  # the whole study (≤ 60 minutes on an idle 2-core machine)
     python benchmarks/paper_study.py --quick --out runs/ps-quick # toy sizes, a smoke check (a few minutes)
     python benchmarks/paper_study.py --models smollm2            # one model
+    python benchmarks/paper_study.py --summary-only              # results.md and figures again from finished runs
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ from study.corpus import mixed_documents, multilingual_documents  # noqa: E402
 from study.pipeline import Sizes, run_study  # noqa: E402
 from study.queries import SMOLLM2_PAIRS, SMOLLM2_QUERIES, bible_queries, capital_queries, check_queries, help_queries  # noqa: E402
 
-# sizes that fit the whole study in an hour on 2 cores (docs/analyses.md compares them with the paper's)
-SMOLLM2 = {"sizes": Sizes(length=128, fit=64, candidates=12, background=256, rank=32, top=5), "per_source": 900}
-GEMMA = {"sizes": Sizes(length=128, fit=48, candidates=8, background=160, rank=32, top=4), "windows": 1200, "pages": 150}
+# sizes that fit the whole study in about an hour on 2 cores shared with other jobs (docs/analyses.md compares them with the paper's)
+SMOLLM2 = {"sizes": Sizes(length=96, fit=32, candidates=6, background=160, rank=32, top=4), "per_source": 400}
+GEMMA = {"sizes": Sizes(length=64, fit=24, candidates=4, background=120, rank=32, top=3), "windows": 600, "pages": 80}
 QUICK = {"sizes": Sizes(length=48, fit=8, candidates=3, background=24, rank=8, top=2), "per_source": 40, "windows": 40, "pages": 6}
 
 
 def smollm2_study(out: Path, cache: Path, quick: bool, memory_gib: float | None) -> dict:
+    """SmolLM2 on the mixed corpus with the paper's kinds of queries and the word-order pairs; returns its study.json."""
     gguf = models.smollm2_gguf()
     model, tokenizer = models.load_gguf(gguf)
     cfg = QUICK if quick else SMOLLM2
@@ -78,6 +80,7 @@ def smollm2_study(out: Path, cache: Path, quick: bool, memory_gib: float | None)
 
 
 def gemma_study(out: Path, cache: Path, quick: bool, memory_gib: float | None) -> dict:
+    """Gemma 3 on the aligned multilingual corpus with translated query groups; returns its study.json."""
     gguf = models.gemma_gguf()
     model, tokenizer = models.load_gguf(gguf)
     cfg = QUICK if quick else GEMMA
@@ -98,6 +101,7 @@ def gemma_study(out: Path, cache: Path, quick: bool, memory_gib: float | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the studies asked for, then write OUT/results.{json,md} and the figures."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_study")
     p.add_argument("--cache", type=Path, default=corpora.DEFAULT_CACHE, help="where the Debian packages are unpacked")
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes: checks that everything runs")
     p.add_argument("--memory-gib", type=float, default=8.0, help="memory budget for the library's batch sizes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--summary-only", action="store_true", help="only rewrite results and figures from the models' finished run directories")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lminfluence", "transformers", "httpx"):
@@ -116,20 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     studies = {"smollm2": smollm2_study, "gemma": gemma_study}
     results, t0 = {}, time.perf_counter()
-    for name in args.models:
+    for name in args.models if not args.summary_only else ():
         t = time.perf_counter()
         results[name] = studies[name](args.out, args.cache, args.quick, args.memory_gib)
         results[name]["wall_seconds"] = round(time.perf_counter() - t, 1)
+        study_json = args.out / name / "study.json"  # the summary reads each model's wall time from there
+        kept = {**json.loads(study_json.read_text()), "wall_seconds": results[name]["wall_seconds"], "sources": results[name].get("sources")}
+        study_json.write_text(json.dumps(kept, indent=1, default=str))
         logging.info("%s: done in %.1f min", name, (time.perf_counter() - t) / 60)
     from study.summary import write_summary
 
     figures = args.figures or args.out / "figures"
-    summary = write_summary(args.out, list(results), figures, quick=args.quick)
-    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    summary = write_summary(args.out, list(results) or args.models, figures, quick=args.quick)
+    summary["driver_seconds"] = round(time.perf_counter() - t0, 1)  # this invocation; each model's own time is in models.<name>.wall_seconds
     summary["load_average_end"] = os.getloadavg()
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print((args.out / "results.md").read_text())
-    print(f"whole study: {summary['wall_seconds'] / 60:.1f} min; results in {args.out}, figures in {figures}")
+    print(f"this run: {summary['driver_seconds'] / 60:.1f} min; results in {args.out}, figures in {figures}")
     return 0
 
 
