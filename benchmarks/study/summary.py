@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lminfluence.analysis.files import read_columns
+from lminfluence.analysis.crosslingual import pair_metrics
+from lminfluence.analysis.files import load_scores, read_columns
 
 THIRDS = ("lower", "middle", "upper")
 LABELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma": "Gemma 3 270M"}
@@ -60,6 +61,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     """A model's queries (with kind), study.json and analysis tables (absent tables are left out)."""
     run = {"queries": [json.loads(line) for line in (run_dir / "queries.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]}
     run["study"] = json.loads((run_dir / "study.json").read_text())
+    table, scores, _ = load_scores(run_dir)  # [Q, U] in queries.parquet's order
+    row = {qid: i for i, qid in enumerate(table["query_id"])}
+    run["scores"] = scores[[row[q["id"]] for q in run["queries"]]]  # rows in queries.jsonl's order
     run["tables"] = {}
     for name in ("sparsity", "layers", "thirds", "spurious", "crosslingual", "word_order"):
         path = run_dir / "analysis" / f"{name}.parquet"
@@ -124,13 +128,33 @@ def crosslingual_summary(run: dict[str, Any]) -> dict[str, Any] | None:
     matrices = {m: np.where(counts[m] > 0, sums[m] / np.maximum(counts[m], 1), np.nan) for m in sums}
     for m in matrices:
         np.fill_diagonal(matrices[m], 1.0)
+    k = int(t["k"][0])
     return {
-        "languages": languages, "k": int(t["k"][0]),
+        "languages": languages, "k": k, "controls": crosslingual_controls(run, k),
         "matrix": {m: [[_finite(x) for x in row] for row in v] for m, v in matrices.items()},
         "groups": {g: _stats(v) for g, v in by_group.items()},
         "captured": _stats([x for v in by_group.values() for x in v]),
         "overlap": _stats([float(x) for x in t["overlap"]]),
     }  # fmt: skip
+
+
+def crosslingual_controls(run: dict[str, Any], k: int) -> dict[str, Any]:
+    """What ``captured`` is without shared meaning: the top k of a query of *another* group, and k sequences at random.
+
+    unrelated: captured for every ordered pair of queries of different groups
+    (a sequence that is influential for any query makes this high); chance:
+    k times the mean score of the ``to`` query over the pool, over its top-k sum.
+    """
+    scores, group = run["scores"], [q.get("group") for q in run["queries"]]
+    members = [q for q, g in enumerate(group) if g is not None]
+    unrelated = [pair_metrics(scores[a], scores[b], k) for a in members for b in members if group[a] != group[b]]
+    chance = []
+    for q in members:
+        row = scores[q][np.isfinite(scores[q])]
+        top = np.sort(row)[::-1][:k].sum()
+        if top > 0:
+            chance.append(float(k * row.mean() / top))
+    return {"unrelated_captured": _stats([u[0] for u in unrelated]), "unrelated_overlap": _stats([u[1] for u in unrelated]), "chance_captured": _stats(chance)}
 
 
 def spurious_summary(run: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +259,11 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append("\n| group | captured (pairs of languages) |\n|---|---|")
             for g, st in cl["groups"].items():
                 lines.append(f"| {g} | {span(st)} |")
-            lines.append(f"\nOverlap of the top {cl['k']}: {span(cl['overlap'], pct)}. Paper: {PAPER['crosslingual']}.")
+            c = cl["controls"]
+            lines.append(f"| control: a query of another group | {span(c['unrelated_captured'])} |")
+            lines.append(f"| control: {cl['k']} sequences at random | {span(c['chance_captured'])} |")
+            overlap = f"{span(cl['overlap'], pct)} within groups, {span(c['unrelated_overlap'], pct)} across groups"
+            lines.append(f"\nOverlap of the top {cl['k']}: {overlap}. Paper: {PAPER['crosslingual']}.")
     lines += ["", "## Sizes and time", "", "| | " + " | ".join(LABELS.get(m, m) for m in models) + " |", "|---|" + "---|" * len(models)]
     lines.append("| fit sequences (tokens) | " + " | ".join(f"{s['fit']['sequences']} ({s['fit']['tokens']})" for s in models.values()) + " |")
     lines.append("| pool scored per query (tokens) | " + " | ".join(f"{s['pool']['size']} ({s['pool']['tokens']})" for s in models.values()) + " |")
