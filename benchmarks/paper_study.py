@@ -54,11 +54,15 @@ import corpora  # noqa: E402
 from study import models  # noqa: E402
 from study.corpus import mixed_documents, multilingual_documents  # noqa: E402
 from study.pipeline import Sizes, run_study  # noqa: E402
-from study.queries import HELP_PARAGRAPHS, SMOLLM2_PAIRS, SMOLLM2_QUERIES, bible_queries, capital_queries, check_queries, help_queries  # noqa: E402
+from study.queries import SMOLLM2_PAIRS, SMOLLM2_QUERIES, bible_queries, capital_queries, check_queries, help_queries  # noqa: E402
 
 # sizes that fit the whole study in about an hour on 2 cores shared with other jobs (docs/analyses.md compares them with the paper's)
-SMOLLM2 = {"sizes": Sizes(length=96, fit=32, candidates=6, background=160, rank=32, top=4), "per_source": 400}
-GEMMA = {"sizes": Sizes(length=64, fit=16, candidates=3, background=64, rank=32, top=3), "windows": 300, "pages": 40, "help_groups": 1}
+SMOLLM2 = {"sizes": Sizes(length=96, fit=32, candidates=4, background=100, rank=32, top=4), "per_source": 400}
+# Gemma (its 262k-token vocabulary makes each token ~3x SmolLM2's cost) at the smoke check's corpus and factors, with three query groups
+GEMMA = {
+    "sizes": Sizes(length=48, fit=8, candidates=3, background=40, rank=32, top=3), "windows": 40, "pages": 6,
+    "groups": ("capital-france", "Gen.1.1", "Ps.23.1"),
+}  # fmt: skip
 QUICK = {"sizes": Sizes(length=48, fit=8, candidates=3, background=24, rank=8, top=2), "per_source": 40, "windows": 40, "pages": 6}
 
 
@@ -89,10 +93,12 @@ def gemma_study(out: Path, cache: Path, quick: bool, memory_gib: float | None) -
     if extra["verses"]:
         queries += bible_queries(extra["verses"])
     if len(extra["paragraphs"]) == 5:
-        queries += help_queries(extra["paragraphs"], HELP_PARAGRAPHS[: cfg.get("help_groups", len(HELP_PARAGRAPHS))])  # each group is 5 queries
+        queries += help_queries(extra["paragraphs"])
     queries += capital_queries()
     if quick:
         queries = [q for q in queries if q["group"] in ("Gen.1.1", "capital-france")][:5]
+    elif cfg.get("groups"):
+        queries = [q for q in queries if q["group"] in cfg["groups"]]
     check_queries(queries)
     logging.info("gemma: %d documents from %s", len(docs), ", ".join(extra["sources"]))
     data = run_study("gemma", out / "gemma", gguf, model, tokenizer, docs, queries, [], cfg["sizes"], memory_gib)
