@@ -60,8 +60,8 @@ from study.queries import SMOLLM2_PAIRS, SMOLLM2_QUERIES, bible_queries, capital
 SMOLLM2 = {"sizes": Sizes(length=96, fit=32, candidates=4, background=100, rank=32, top=4), "per_source": 400}
 # Gemma (its 262k-token vocabulary makes each token ~3x SmolLM2's cost) at the smoke check's corpus and factors, with three query groups
 GEMMA = {
-    "sizes": Sizes(length=48, fit=8, candidates=3, background=40, rank=32, top=3), "windows": 40, "pages": 6,
-    "groups": ("capital-france", "Gen.1.1", "Ps.23.1"),
+    "sizes": Sizes(length=48, fit=8, candidates=3, background=120, rank=32, top=3), "windows": 40, "pages": 6,
+    "groups": ("capital-france", "Gen.1.1", "Ps.23.1", "help-0:table_insert"),
 }  # fmt: skip
 QUICK = {"sizes": Sizes(length=48, fit=8, candidates=3, background=24, rank=8, top=2), "per_source": 40, "windows": 40, "pages": 6}
 

@@ -169,8 +169,9 @@ def model_summary(run_dir: Path) -> dict[str, Any]:
     """Everything results.json keeps about one model's run directory."""
     run = load_run(run_dir)
     study = run["study"]
+    scored = study["steps"]["score"]
     return {
-        "sizes": study.get("sizes"), "pool": study.get("pool"), "sources": study.get("sources"),
+        "sizes": study.get("sizes"), "pool": study.get("pool") or {"size": scored.get("pool"), "tokens": scored.get("tokens")}, "sources": study.get("sources"),
         "steps": {k: {"seconds": v["seconds"], "load": v.get("load")} for k, v in study["steps"].items()},
         "corpus": {k: study["steps"]["corpus"].get(k) for k in ("documents", "sequences", "tokens")},
         "fit": {k: study["steps"]["fit"].get(k) for k in ("sequences", "tokens")},
