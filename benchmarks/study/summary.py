@@ -159,6 +159,26 @@ def crosslingual_controls(run: dict[str, Any], k: int) -> dict[str, Any]:
     return {"unrelated_captured": _stats([u[0] for u in unrelated]), "unrelated_overlap": _stats([u[1] for u in unrelated]), "chance_captured": _stats(chance)}
 
 
+def group_matrices(run: dict[str, Any], min_languages: int = 3) -> dict[str, tuple[list[str], np.ndarray, int]]:
+    """Group → (its languages, captured [from, to] with NaN on the diagonal, k), for groups with ``min_languages`` or more."""
+    t = run["tables"].get("crosslingual")
+    out: dict[str, tuple[list[str], np.ndarray, int]] = {}
+    if t is None:
+        return out
+    for g in dict.fromkeys(t["group"]):
+        rows = [i for i, x in enumerate(t["group"]) if x == g]
+        langs = list(dict.fromkeys(ALIASES.get(t["language_from"][i], t["language_from"][i]) for i in rows))
+        if len(langs) < min_languages:
+            continue
+        mat = np.full((len(langs), len(langs)), np.nan)
+        for i in rows:
+            mat[langs.index(ALIASES.get(t["language_from"][i], t["language_from"][i])), langs.index(ALIASES.get(t["language_to"][i], t["language_to"][i]))] = t[
+                "captured"
+            ][i]
+        out[g] = (langs, mat, int(t["k"][rows[0]]))
+    return out
+
+
 def spurious_summary(run: dict[str, Any]) -> dict[str, Any]:
     t = run["tables"]["spurious"]
     flagged, rank = np.asarray(t["spurious"], bool), np.asarray(t["rank"])
@@ -322,19 +342,18 @@ def figures(out: Path, names: list[str], folder: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, folder / "study_layers.png"))
 
-    cross = {m: crosslingual_summary(run) for m, run in runs.items()}
-    cross = {m: c for m, c in cross.items() if c}
-    if cross:
-        fig, axes = plt.subplots(1, len(cross), figsize=(4.0 * len(cross), 3.6), squeeze=False)
-        for ax, (m, c) in zip(axes[0], cross.items()):
-            mat = np.array([[np.nan if x is None else x for x in row] for row in c["matrix"]["captured"]])
-            im = ax.imshow(mat, cmap="viridis", vmin=min(0.0, np.nanmin(mat)), vmax=1.0)
+    panels = [(m, g) for m, run in runs.items() for g in group_matrices(run)]  # one panel per group of 3+ languages
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.6), squeeze=False)
+        for ax, (m, g) in zip(axes[0], panels):
+            langs, mat, k = group_matrices(runs[m])[g]
+            im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=1.0)
             for (a, b), x in np.ndenumerate(mat):
                 if np.isfinite(x):
                     ax.text(b, a, f"{x:.2f}", ha="center", va="center", fontsize=7, color="white" if x < 0.6 else "black")
-            ax.set_xticks(range(len(c["languages"])), c["languages"])
-            ax.set_yticks(range(len(c["languages"])), c["languages"])
-            ax.set(title=f"{LABELS.get(m, m)}: captured (top {c['k']})", xlabel="query scored (to)", ylabel="top sequences of (from)")
+            ax.set_xticks(range(len(langs)), langs)
+            ax.set_yticks(range(len(langs)), langs)
+            ax.set(title=f"{LABELS.get(m, m)}\n{g}: captured (top {k})", xlabel="query scored (to)", ylabel="top sequences of (from)")
             fig.colorbar(im, ax=ax, shrink=0.8)
         fig.tight_layout()
         written.append(_save(fig, folder / "study_crosslingual.png"))
