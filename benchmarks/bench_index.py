@@ -7,8 +7,9 @@ index) during which every compression is computed at every size from the
 same captures and contracted with the fidelity queries:
 
     eigen       R = Q_Sᵀ DW Q_A at the fixed coordinates of the largest Λ
-    eigen_topk  each sequence's own top coordinates of R (values + int32 positions)
+    eigen_topk  each sequence's own top coordinates of R (values + two-byte positions)
     svd         best rank-r factors of DW
+    whitened_svd  best rank-r factors of R whitened by Kronecker weights close to (Λ + λ)^(-1/2)
     random      Kronecker Gaussian projection Π_out DW Π_inᵀ (LoGra's)
 
 all in float16 (plus one float32 scale per sequence and layer where the codec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import socket
@@ -32,8 +33,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
     finally:
         with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
-        if result[0] == "ok":
-            dist.barrier()  # no rank tears its connections down while another still reads from them
+        # no rank tears its connections down while another still reads from them (an error raised on every
+        # rank by ``distributed.check`` leaves them in step too); a rank that never arrives fails the barrier
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
         dist.destroy_process_group()
 
 

@@ -335,3 +335,25 @@ def test_full_rank_scan_in_query_groups(inputs, run, reference, tmp_path):
     assert m.groupby("query_index").size().tolist() == [30, 30, 30]
     full = reference["full"]
     np.testing.assert_allclose(m.score, full[m.query_index, m.seq_index], rtol=RTOL, atol=1e-4 * np.abs(full).max())
+
+
+def test_cli_tables_equal_the_python_two_stage_procedure(run, reference):
+    """`lminfluence score` is `two_stage_scores` over the run directory: the same shown sequences, ranks and scores.
+
+    Same model, factors, sequences, queries and TF-IDF index; only the store differs (chunks on disk vs memory),
+    so the shown sequences must be identical and their scores equal to float32 rounding of different batchings.
+    """
+    from lminfluence.scoring.two_stage import TwoStageConfig, two_stage_scores
+
+    index = TfidfIndex.load(run / layout.TFIDF_FILE)
+    result = two_stage_scores(
+        reference["model"], load_factors(run / layout.FACTORS_DIR, reference["model"]), reference["queries"], reference["store"],
+        ScoreConfig(query_rank=4), TwoStageConfig(candidates=50, rescore_top=12, top=5), index=index, chunk_size=16,
+    )
+    top = tables(run)["top"]
+    for q, shown in enumerate(result.shown):
+        rows = top[top.query_index == q]
+        rows = pd.concat([rows[rows["rank"] > 0].sort_values("rank"), rows[rows["rank"] < 0].sort_values("rank", ascending=False)])
+        assert rows.seq_index.tolist() == shown.indices.tolist()
+        assert rows["rank"].tolist() == shown.ranks.tolist()
+        np.testing.assert_allclose(rows.score, shown.total, rtol=RTOL, atol=1e-6 * np.abs(shown.total).max())

@@ -42,11 +42,13 @@ def option(default: Any, help: str, *, key: str | None = None, flag: str | None 
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def check_positive_int(what: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is an int ≥ 1 (a bool is not), or None when ``allow_none``."""
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -64,6 +66,7 @@ def check_number(what: str, value: Any, *, minimum: float = 0.0, strict: bool = 
 
 
 def check_bool(what: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is True or False (not a string such as 'no')."""
     if not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, got {value!r}")
 

@@ -17,9 +17,10 @@ all raise ``DistributedError`` with the failing rank's message (a rank that died
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -105,17 +106,96 @@ def owner(index: int) -> int:
     return index % world_size()
 
 
+def span(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of ``n`` items (balanced: sizes differ by at most one; rank order)."""
+    r, w = rank(), world_size()
+    return n * r // w, n * (r + 1) // w
+
+
+class Slice:
+    """Items lo, …, hi - 1 of ``data`` (indexed when it can be, else iterated): a rank's contiguous shard."""
+
+    def __init__(self, data: Iterable[Any], lo: int, hi: int) -> None:
+        self.data, self.lo, self.hi = data, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.data[self.lo + i]  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        if hasattr(self.data, "__getitem__"):
+            return (self.data[i] for i in range(self.lo, self.hi))
+        return itertools.islice(self.data, self.lo, self.hi)
+
+
+def sharded_model(model: torch.nn.Module) -> bool:
+    """True when ``model`` has modules sharded by FSDP (``fully_shard``): its forward passes are collectives."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return active() and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def require_same_batches(model: torch.nn.Module, num_local: int, batch_size: int, what: str) -> None:
+    """Raise, on every rank, when an FSDP-sharded model would run different numbers of batches on different ranks.
+
+    Each forward pass of a sharded model gathers the weights from all ranks, so
+    every rank must run as many as the others: ``num_local`` sequences in
+    batches of ``batch_size`` must give the same count everywhere.
+    """
+    if not sharded_model(model):
+        return
+    counts = all_gather_objects((num_local, -(-num_local // batch_size)))
+    if len({c for _, c in counts}) > 1:
+        sizes = [n for n, _ in counts]
+        fits = [b for b in range(1, max(sizes) + 1) if len({-(-n // b) for n in sizes}) == 1]
+        raise DistributedError(
+            f"{what}: with an FSDP-sharded model every rank must run the same number of batches, but the ranks' shares of "
+            f"{sizes} sequences in batches of {batch_size} give {[c for _, c in counts]}; choose a batch size that gives "
+            f"each rank the same count (e.g. {fits[-1] if fits else 1}), or another number of processes"
+        )
+
+
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+BUCKET_BYTES = 64 * 2**20  # small tensors are summed together in flat buffers of at most this size
+
+
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` over all ranks, in place (as float64, whatever their dtype), in one flattened collective."""
+    """Sum ``tensors`` over all ranks, in place, as float64 whatever their dtype.
+
+    Small tensors travel together in flat buffers of at most ``BUCKET_BYTES``; a larger one that
+    is float64 already, contiguous and on the collective's device is summed where it is (no copy),
+    so that the running sums of a fit need no second copy of themselves.
+    """
     if not active() or not tensors:
         return
     device = _device_of(tensors)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if t.dtype == torch.float64 and t.is_contiguous() and t.device == device and t.numel() * 8 > BUCKET_BYTES:
+            dist.all_reduce(t)
+            continue
+        if bucket and (size + t.numel()) * 8 > BUCKET_BYTES:
+            _reduce_flat(bucket, device)
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        _reduce_flat(bucket, device)
+
+
+def _reduce_flat(tensors: list[torch.Tensor], device: torch.device) -> None:
     flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
     dist.all_reduce(flat)
     offset = 0
@@ -123,6 +203,29 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
         offset += n
+
+
+def gather_cat(t: torch.Tensor, dim: int, pad_dims: Sequence[int] = ()) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along ``dim`` in rank order (on every rank, on ``t``'s device).
+
+    Sizes along ``dim`` may differ between ranks; so may those along ``pad_dims``, which are
+    zero-padded to the largest. All other sizes and the dtype must agree.
+    """
+    if not active():
+        return t
+    shapes = all_gather_objects(tuple(t.shape))
+    dim = dim % t.dim()
+    full = [max(s[d] for s in shapes) if d == dim or d in {p % t.dim() for p in pad_dims} else t.shape[d] for d in range(t.dim())]
+    device = _device_of([t])
+    padded = torch.zeros(full, dtype=t.dtype, device=device)
+    padded[tuple(slice(0, n) for n in t.shape)] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(parts, padded)
+    trimmed = []
+    for part, shape in zip(parts, shapes):
+        keep = [slice(0, shape[d]) if d == dim else slice(None) for d in range(t.dim())]
+        trimmed.append(part[tuple(keep)])
+    return torch.cat(trimmed, dim=dim).to(t.device)
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], src: int) -> None:
@@ -173,6 +276,8 @@ def check(error: BaseException | None = None) -> None:
         return
     reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if failed:  # every rank is here and about to raise: let all finish the exchange before any tears the group down
+        dist.barrier()
     if error is not None:
         raise error
     if failed:
@@ -201,7 +306,12 @@ __all__ = [
     "shutdown",
     "shard",
     "owner",
+    "span",
+    "Slice",
+    "sharded_model",
+    "require_same_batches",
     "all_reduce_sum_",
+    "gather_cat",
     "broadcast_",
     "all_gather_objects",
     "broadcast_object",

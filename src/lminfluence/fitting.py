@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .config import Execution, FactorConfig
-from .curvature.checkpoint import CHECKPOINT_DIR, FitCheckpoint, Progress, examples_digest, fit_key, test_kill
+from .curvature.checkpoint import FitCheckpoint, Progress, agree, checkpoint_dir, examples_digest, fit_key, test_kill
 from .curvature.factors import Factors
 from .curvature.strategies import make_curvature
 from .errors import InputError
@@ -67,7 +68,18 @@ class CaptureCache:
             yield items.popleft()
 
 
-def _checkpointer(model, train, config, task, layers, output_dir, execution) -> FitCheckpoint:
+def _shard(train: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of the training sequences; each keeps its global index (its labels' seed)."""
+    if not dist.active():
+        return 0, -1
+    n = num_examples(train)
+    n = _count(train) if n is None else n
+    if n < dist.world_size():
+        raise InputError(f"train: {n} sequences for {dist.world_size()} processes; every process needs at least one (use fewer processes)")
+    return dist.span(n)
+
+
+def _checkpointer(model, train, config, task, layers, output_dir, execution, shard) -> FitCheckpoint:
     key = fit_key(
         {
             "model": model_fingerprint(model),
@@ -75,9 +87,23 @@ def _checkpointer(model, train, config, task, layers, output_dir, execution) -> 
             "task": [type(task).__module__, type(task).__qualname__, sorted((k, repr(v)) for k, v in vars(task).items())],
             "data": examples_digest(train),
             "layers": {n: info.to_dict() for n, info in layers.items()},
+            **({"shard": [*shard, dist.world_size()]} if dist.active() else {}),
         }
     )
-    return FitCheckpoint(Path(output_dir) / CHECKPOINT_DIR, key, execution.checkpoint_seconds)
+    return FitCheckpoint(checkpoint_dir(Path(output_dir)), key, execution.checkpoint_seconds)
+
+
+def _reduce(curvature, num_tokens: int, num_sequences: int) -> tuple[int, int]:
+    """The pass's sums and counts summed over ranks (float64; in place), after checking that every rank holds the same sums."""
+    if not dist.active():
+        return num_tokens, num_sequences
+    sums = curvature.running_sums()
+    shapes = dist.all_gather_objects([tuple(t.shape) for t in sums])
+    if any(s != shapes[0] for s in shapes):
+        raise dist.DistributedError("the ranks accumulated different sums (the model calls its tracked layers differently on different ranks)")
+    counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64)
+    dist.all_reduce_sum_([counts, *sums])
+    return int(counts[0]), int(counts[1])
 
 
 def fit_factors(
@@ -110,6 +136,13 @@ def fit_factors(
         output_dir: when given, the factors are saved there, and the fit
             checkpoints its progress there (``Execution.checkpoint_seconds``):
             run again after a crash, it resumes and ends with the same factors.
+
+    Under ``torch.distributed`` (a process group of K > 1 processes, e.g. from
+    ``torchrun``) call it on every rank with the same arguments: each fits a
+    contiguous K-th of ``train`` (its sequences keep their labels' seeds), the
+    float64 sums are added over ranks, each eigendecomposition is computed by
+    one rank and broadcast, and every rank returns the same factors (rank 0
+    alone saves them; each rank checkpoints its own shard under ``output_dir``).
     """
     from .memory import headroom, plan_for_data
     from .task.causal_lm import CausalLMTask
@@ -125,30 +158,37 @@ def fit_factors(
     curvature = make_curvature(config.strategy, layers, config)
     curvature.offload = execution.offload_factors
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
-        return _finish(model, config, curvature, 0, _count(train), {}, {}, output_dir)
+        return _finish(model, config, curvature, 0, _count(train), {}, {}, output_dir if dist.is_main() else None)
 
-    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution) if output_dir is not None else None
+    lo, hi = _shard(train)  # under torch.distributed: this rank's sequences; one process: all (hi = -1)
+    local = dist.Slice(train, lo, hi) if dist.active() else train
+    head = dist.Slice(train, 0, hi) if dist.active() else train  # run_pass starts at a global index: the labels' seeds
+    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi)) if output_dir is not None else None
     progress = checkpoint.restore(curvature) if checkpoint is not None else None
+    progress = agree(curvature, progress)
     resumed = progress is not None
     if progress is None:
         progress = Progress()
     batch_size = execution.batch_size or progress.batch_size
     cache_gib = execution.cache_gib
     if not batch_size:
-        sizes = plan_for_data(model, config, execution, train, task=task, stages=("fit",))
+        sizes = plan_for_data(model, config, execution, local, task=task, stages=("fit",))
         batch_size = sizes.fit_batch_size
         cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
         logger.info("fit plan:\n%s", sizes.report())
     elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
         cache_gib = headroom(model_device(model), execution) / 2 / 2**30
     progress.batch_size = batch_size
+    if dist.sharded_model(model):  # FSDP: each forward is a collective, every rank must run as many
+        dist.require_same_batches(model, len(local) - progress.start, batch_size, "fit")  # type: ignore[arg-type]
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
     kind: LossKind = "sampled" if config.fisher == "sampled" else "true"
     autocast = half_autocast(model)
-    total = num_examples(train)
+    total = num_examples(local)
     # a pass resumed midway cannot fill the cache: the second pass then recomputes (same result)
-    use_cache = len(curvature.passes) > 1 and not resumed
+    # (and under FSDP every rank must run the second pass's forwards: no replay)
+    use_cache = len(curvature.passes) > 1 and not resumed and not dist.sharded_model(model)
     cache = CaptureCache(cache_gib or 0.0, total) if use_cache else None
     batches_done = 0
     counts = (0, 0)
@@ -161,27 +201,28 @@ def fit_factors(
                 batches: Iterable[BatchCapture] = cache.replay()
             else:
                 batches = run_pass(
-                    model, task, collector, train, batch_size, kind, seed=config.seed, start=progress.start,
+                    model, task, collector, head, batch_size, kind, seed=config.seed, start=lo + progress.start,
                     autocast=autocast, desc=f"fit {pass_name}",
                 )
-            for bc in batches:
-                curvature.accumulate(pass_name, bc.captures)
-                progress.num_tokens += bc.num_tokens
-                progress.num_sequences += bc.num_sequences
-                progress.start += bc.num_sequences
-                if index == 0 and cache is not None:
-                    cache.offer(bc)
-                del bc
-                batches_done += 1
-                test_kill("batch", batches_done)
-                if checkpoint is not None and checkpoint.due():
-                    progress.seconds[pass_name] = time.perf_counter() - start
-                    checkpoint.save(curvature, progress)
+            with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
+                for bc in batches:
+                    curvature.accumulate(pass_name, bc.captures)
+                    progress.num_tokens += bc.num_tokens
+                    progress.num_sequences += bc.num_sequences
+                    progress.start += bc.num_sequences
+                    if index == 0 and cache is not None:
+                        cache.offer(bc)
+                    del bc
+                    batches_done += 1
+                    test_kill("batch", batches_done)
+                    if checkpoint is not None and checkpoint.due():
+                        progress.seconds[pass_name] = time.perf_counter() - start
+                        checkpoint.save(curvature, progress)
             if index == 0 and cache is not None:
                 cache.close()
-            curvature.finalize(pass_name, progress.num_tokens, progress.num_sequences)
+            counts = _reduce(curvature, progress.num_tokens, progress.num_sequences)
+            curvature.finalize(pass_name, *counts)
             progress.seconds[pass_name] = time.perf_counter() - start
-            counts = (progress.num_tokens, progress.num_sequences)
             progress = Progress(index + 1, 0, 0, 0, batch_size, progress.seconds)
             if checkpoint is not None and index + 1 < len(curvature.passes):
                 checkpoint.save(curvature, progress)
@@ -189,8 +230,10 @@ def fit_factors(
         "second_pass_replayed": bool(cache is not None and cache.complete),
         "batch_size": batch_size,
         "resumed": resumed,
+        "processes": dist.world_size(),
     }
-    factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir)
+    factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir if dist.is_main() else None)
+    dist.barrier()  # the factors are saved (by rank 0) before any rank drops its checkpoint (on every rank: with or without one)
     if checkpoint is not None:
         checkpoint.clear()
     return factors

@@ -1,4 +1,4 @@
-"""`lminfluence`: fit factors, score queries, write the report, or run the built-in demo.
+"""`lminfluence`: fit factors, index the corpus's gradients, score queries, write the report, or run the built-in demo.
 
 Each command resolves its configuration (defaults < --config YAML < flags),
 checks every input before touching the run directory, then calls the
@@ -23,14 +23,19 @@ from ..workflow.rundir import RunDir
 from .logging import attach_log, command_logging, silence
 from .options import add_section, given
 
-STAGE_SECTIONS = {"fit": ("model", "corpus", "fit"), "score": ("score",), "run": ("model", "corpus", "fit", "score")}
+STAGE_SECTIONS = {"fit": ("model", "corpus", "fit"), "index": ("index",), "score": ("score",), "run": ("model", "corpus", "fit", "score")}
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with sections run_dir, model, corpus, fit, score (flags override it)")
+def _add_common(p: argparse.ArgumentParser, dry_run: bool) -> None:
+    p.add_argument("--config", help="YAML file with sections run_dir, model, corpus, fit, score, index (flags override it)")
     p.add_argument("--run-dir", "-o", dest="run_dir", help="the run directory (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="recompute, replacing what --run-dir holds once the new results are complete")
     p.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
+    if dry_run:
+        p.add_argument(
+            "--dry-run", action="store_true",
+            help="print the memory and time each stage will need and the batch sizes picked for the budget (--memory-gib), then stop; writes nothing",
+        )
 
 
 def _positive(text: str) -> int:
@@ -49,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "fit": "tokenize a corpus and fit curvature factors into a run directory",
+        "index": "store the fitted run's training gradients compressed, for `score --index` (docs/index.md)",
         "score": "score queries against a fitted run's corpus",
         "run": "fit, score and report in one go (e.g. replay a saved config.yaml)",
     }
     for command, sections in STAGE_SECTIONS.items():
         p = sub.add_parser(command, help=helps[command])
-        _add_common(p)
+        _add_common(p, dry_run=command != "index")  # the index's compression is not in the memory plan yet
         for section in sections:
             add_section(p, section)
     p = sub.add_parser("analyze", help="the paper's analyses of a scored run (sparsity, layers, spurious sequences, cross-lingual, word order)")
@@ -85,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace, command: str) -> RunConfig:
-    """Defaults < --config < flags; `score` takes model, corpus and fit from the run directory.
+    """Defaults < --config < flags; `score` and `index` take model, corpus and fit from the run directory.
 
     Score settings come from --config and flags over the defaults; only a bare
     `lminfluence score -o RUN` (no score flag, no score section) repeats the saved ones,
-    and a missing --queries falls back to the saved queries file.
+    and a missing --queries falls back to the saved queries file. The same holds for
+    `index` and its section. Each of the two keeps the other's saved section.
     """
     from_file = read_yaml(args.config) if args.config else {}
     check_sections(from_file, args.config or "config")
@@ -97,19 +104,36 @@ def resolve(args: argparse.Namespace, command: str) -> RunConfig:
     if not run_dir or not isinstance(run_dir, str):
         raise InputError("give --run-dir (or run_dir in --config)")
     data: dict[str, Any] = {k: v for k, v in from_file.items() if k != "run_dir"}
-    if command == "score":  # model, corpus and fit are what the finished fit recorded in run.json
+    if command in ("score", "index"):  # model, corpus and fit are what the finished fit recorded in run.json
         rd = RunDir(run_dir)
         fit = rd.finished("fit") if rd.is_run() else None
         if fit is None or not isinstance(fit.get("sections"), dict):
             raise InputError(f"{run_dir} is not a run directory with a finished fit; run `lminfluence fit` first")
         data.update(fit["sections"])
+        saved = rd.saved_config() or {}
+        other = "index" if command == "score" else "score"
+        data[other] = saved.get(other) if rd.finished(other) else None
+        if command == "index":
+            data["index"] = _index_section(args, saved, from_file)
     else:
         data = merge(data, {name: given(args, name) for name in ("model", "corpus", "fit")})
+        data.pop("index", None)  # fit and run build no index
     if "score" in STAGE_SECTIONS[command]:
         data["score"] = _score_section(args, run_dir, from_file, command)
     elif command == "fit":
         data.pop("score", None)
     return RunConfig.from_dict({"run_dir": run_dir, **data}, where=args.config or "options")
+
+
+def _index_section(args: argparse.Namespace, saved: dict[str, Any], from_file: dict[str, Any]) -> dict[str, Any]:
+    """Flags over --config's index section over the defaults; a bare `lminfluence index -o RUN` repeats the saved section."""
+    flags = given(args, "index")
+    in_file = from_file.get("index")
+    if in_file is not None and not isinstance(in_file, dict):
+        raise InputError(f"{args.config}: section 'index' must be a mapping of options, got {type(in_file).__name__}")
+    if not in_file and not flags and isinstance(saved.get("index"), dict):
+        return dict(saved["index"])
+    return {**(in_file or {}), **flags}
 
 
 def _score_section(args: argparse.Namespace, run_dir: str, from_file: dict[str, Any], command: str) -> dict[str, Any]:
@@ -136,6 +160,7 @@ def _score_section(args: argparse.Namespace, run_dir: str, from_file: dict[str, 
 def run_command(args: argparse.Namespace) -> int:
     """Run one parsed command; its exit status (errors are raised, and mapped by ``main``)."""
     from ..workflow.fitting import execute_fit, prepare_fit
+    from ..workflow.indexing import execute_index, prepare_index
     from ..workflow.scoring import execute_score, prepare_queries, prepare_score
 
     if args.command == "demo":
@@ -159,6 +184,11 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
 
     config = resolve(args, args.command)
+    if getattr(args, "dry_run", False):
+        from .dryrun import dry_run
+
+        print(dry_run(config, args.command, args.overwrite))
+        return 0
     if dist.init(_device(config)) and not dist.is_main():  # under torchrun rank 0 alone logs, draws bars and prints
         silence()
     elif dist.is_main():
@@ -168,6 +198,12 @@ def run_command(args: argparse.Namespace) -> int:
         with _lock(plan.rd, writes=not plan.reuse):
             execute_fit(plan, progress=not args.quiet)
         _say(f"factors: {Path(config.run_dir) / layout.FACTORS_DIR}")
+    elif args.command == "index":
+        indexing = prepare_index(config, overwrite=args.overwrite)
+        with _lock(indexing.rd, writes=not indexing.up_to_date):
+            built = execute_index(indexing)
+        if built is not None:
+            _say(f"index: {built.path} ({built.num_sequences} sequences, {built.bytes_per_sequence:,} bytes each)")
     elif args.command == "score":
         score = prepare_score(config, overwrite=args.overwrite)
         with _lock(score.rd, writes=not score.up_to_date):

@@ -18,13 +18,15 @@ from ..workflow.config import (
     Composite,
     CorpusSection,
     FitSection,
+    IndexSection,
     ModelSection,
     ScoreSection,
     flag_of,
     key_of,
 )
 
-SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection}
+SECTION_TYPES: dict[str, type] = {"model": ModelSection, "corpus": CorpusSection, "fit": FitSection, "score": ScoreSection, "index": IndexSection}
+SHARED = frozenset({"memory_gib"})  # keys of several sections that one flag sets in each
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class Flag:
 
     @property
     def dest(self) -> str:
-        return f"{self.section}:{self.key}"
+        # an option of several sections (the memory budget) is one flag setting all of them
+        return f"*:{self.key}" if self.key in SHARED else f"{self.section}:{self.key}"
 
 
 def section_flags(section: str) -> list[Flag]:
@@ -87,6 +90,8 @@ def add_section(parser: argparse.ArgumentParser, section: str) -> None:
     """Add a section's flags to ``parser`` as one argument group; unset flags stay None."""
     group = parser.add_argument_group(section)
     for fl in section_flags(section):
+        if fl.flag in parser._option_string_actions:  # a shared option, already added by another section
+            continue
         base = _base_type(fl.annotation)
         default = fl.field.default
         help_text = fl.field.metadata.get("help", "") + _default_text(default)
@@ -106,7 +111,12 @@ def add_section(parser: argparse.ArgumentParser, section: str) -> None:
 def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """The values of a section's flags that were given on the command line, by YAML key."""
     prefix = f"{section}:"
-    return {dest[len(prefix) :]: value for dest, value in vars(args).items() if dest.startswith(prefix) and value is not None}
+    keys = {fl.key for fl in section_flags(section)}
+    return {
+        dest.split(":", 1)[1]: value
+        for dest, value in vars(args).items()
+        if value is not None and (dest.startswith(prefix) or (dest.startswith("*:") and dest[2:] in keys))
+    }
 
 
 __all__ = ["Flag", "section_flags", "add_section", "given", "SECTION_TYPES"]

@@ -116,6 +116,19 @@ class Curvature:
         """The mean eigenvalue of the layer's curvature, the unit of relative damping."""
         raise NotImplementedError
 
+    def running_sums(self) -> list[torch.Tensor]:
+        """The float64 running sums of the pass in progress (keys ending in ``_sum``), blocks flattened, in a fixed order.
+
+        Under ``torch.distributed`` the fitting loop sums them over ranks before ``finalize``:
+        every rank must have accumulated at least one batch, so that all hold the same tensors.
+        """
+        out: list[torch.Tensor] = []
+        for st in self.state.values():
+            for key in sorted(k for k in st if k.endswith("_sum")):
+                value = st[key]
+                out.extend(value if isinstance(value, tuple) else (value,))
+        return out
+
     # ------------------------------------------------------------ state on disk
 
     def a_owner(self, name: str) -> str:

@@ -14,9 +14,15 @@ an uninterrupted fit's. The checkpoint is keyed by a digest of everything the
 factors depend on (the model's weights, the configuration, the task, the
 training examples, the tracked layers); when any differs it is discarded.
 
+Under ``torch.distributed`` each rank checkpoints its own shard's sums in
+``checkpoint/rank-R-of-W/``. A rank killed after the collective end of a pass
+but before saving it restarts one pass behind the others: ``agree`` hands it
+the finished passes' state (the same on every rank) from a rank ahead.
+
 For tests, ``LMINFLUENCE_TEST_KILL_AT=batch:K`` makes the process kill itself
 (SIGKILL) after the K-th batch it accumulates, ``checkpoint:K`` in the middle
-of writing its K-th checkpoint (state written, json not yet).
+of writing its K-th checkpoint (state written, json not yet); with
+``LMINFLUENCE_TEST_KILL_RANK=R`` only the process of rank R does.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..storage.atomic import atomic_write, atomic_write_json
 from .base import Curvature
 
@@ -47,12 +54,19 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
 KILL_ENV = "LMINFLUENCE_TEST_KILL_AT"
+KILL_RANK_ENV = "LMINFLUENCE_TEST_KILL_RANK"
 
 
 def test_kill(point: str, count: int) -> None:
     """SIGKILL this process when ``LMINFLUENCE_TEST_KILL_AT`` is ``point:count`` (crash-safety tests only)."""
-    if os.environ.get(KILL_ENV) == f"{point}:{count}":
+    if os.environ.get(KILL_ENV) == f"{point}:{count}" and os.environ.get(KILL_RANK_ENV, str(dist.rank())) == str(dist.rank()):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    """Where this process checkpoints a fit whose output is ``output_dir`` (one folder per rank under torch.distributed)."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    return root / f"rank-{dist.rank()}-of-{dist.world_size()}" if dist.active() else root
 
 
 def _hash_value(h: Any, value: Any) -> None:
@@ -158,4 +172,37 @@ class FitCheckpoint:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-__all__ = ["FitCheckpoint", "Progress", "examples_digest", "fit_key", "test_kill", "CHECKPOINT_DIR", "KILL_ENV"]
+def agree(curvature: Curvature, progress: Progress | None) -> Progress | None:
+    """Make every rank start in the same pass (call on every rank after ``restore``).
+
+    Ranks can be at most one pass apart: a pass ends with collectives every rank joins, and a
+    rank may die after them but before checkpointing the pass's end. Ranks behind take the
+    finished passes' state (equal on every rank: broadcast eigenbases, summed Λ) from the first
+    rank ahead and start the pass from their shard's beginning; ranks ahead keep their progress.
+    """
+    if not dist.active():
+        return progress
+    passes = dist.all_gather_objects(progress.pass_index if progress is not None else 0)
+    ahead = max(passes)
+    if min(passes) == ahead:
+        return progress
+    src = passes.index(ahead)
+    finished = {k: v for k, v in curvature.state_dict().items() if "_sum" not in k} if dist.rank() == src else {}
+    meta = dist.broadcast_object(
+        {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in finished.items()} | {"": (curvature.shared_a, str(curvature.dtype))}
+        if dist.rank() == src else None,
+        src,
+    )  # fmt: skip
+    shared_a, dtype = meta.pop("")
+    tensors = {k: finished[k].cpu() if k in finished else torch.empty(shape, dtype=getattr(torch, d)) for k, (shape, d) in meta.items()}
+    dist.broadcast_(list(tensors.values()), src)
+    if passes[dist.rank()] == ahead:
+        return progress
+    logger.info("rank %d resumes at pass %d with the state of rank %d (it stopped before checkpointing the end of pass %d)", dist.rank(), ahead + 1, src, ahead)
+    curvature.load_state_dict(tensors, shared_a)
+    curvature.dtype = getattr(torch, dtype.removeprefix("torch."))
+    batch_size = progress.batch_size if progress is not None else 0
+    return Progress(pass_index=ahead, batch_size=batch_size)
+
+
+__all__ = ["FitCheckpoint", "Progress", "agree", "checkpoint_dir", "examples_digest", "fit_key", "test_kill", "CHECKPOINT_DIR", "KILL_ENV", "KILL_RANK_ENV"]

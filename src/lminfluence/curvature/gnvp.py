@@ -68,9 +68,9 @@ class GaussNewtonProduct:
                 tangents[key] = t.to(self.params[key].dtype)
         # fused attention kernels have no forward-mode derivative; the math kernel is the same function
         with sdpa_kernel([SDPBackend.MATH]):
-            out, pull = vjp(outputs, self.params)
+            out, pull = vjp(outputs, self.params)[:2]
             jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(tangents)  # [Q, *out]: J v
-        _, hessian = vjp(grad(loss), out)  # H_out is symmetric: its vjp is H_out u (reverse-over-reverse)
+        hessian = vjp(grad(loss), out)[1]  # H_out is symmetric: its vjp is H_out u (reverse-over-reverse)
         (hjv,) = vmap(hessian)(jv)  # [Q, *out]: H_out J v
         (back,) = vmap(pull)(hjv)  # Jᵀ H_out J v, per parameter [Q, ...]
         return {n: info.from_params(n, back, PREFIX).to(v[n].dtype) / size for n, info in self.layers.items()}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import ClassVar
 
 import torch
 
+from .. import distributed as dist
 from ..errors import TrackingError
 from ..hooks.collector import LayerCapture
 from ..hooks.modules import LayerInfo
@@ -35,6 +37,18 @@ def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
             total.add_(b)
     else:
         state[key] = tuple(b.to(torch.float64) for b in blocks)
+
+
+def _spread(costs: dict) -> dict:
+    """Each unit → the rank that decomposes it: the costliest first, each to the least loaded rank (the same on every rank)."""
+    load = [0] * dist.world_size()
+    order = {u: i for i, u in enumerate(costs)}
+    out = {}
+    for unit in sorted(costs, key=lambda u: (-costs[u], order[u])):
+        r = min(range(len(load)), key=lambda k: (load[k], k))
+        out[unit] = r
+        load[r] += costs[unit]
+    return out
 
 
 class KFAC(EigenbasisCurvature):
@@ -77,25 +91,34 @@ class KFAC(EigenbasisCurvature):
 
     def finalize(self, pass_name: str, num_tokens: int, num_sequences: int) -> None:
         mean_tokens = num_tokens / num_sequences
+        # Under torch.distributed the sums are already summed over ranks: each (layer, side) is
+        # decomposed by one rank (``dist.owner`` of its position) and broadcast to the others.
+        units = [(name, side) for name, st in self.state.items() for side in ("a", "s") if f"{side}_sum" in st]
+        # (dimension, device) of each block, for the ranks that receive a unit they did not decompose
+        sizes = {u: [((math.isqrt(8 * b.numel() + 1) - 1) // 2, b.device) for b in self.state[u[0]][f"{u[1]}_sum"]] for u in units}
+        owners = _spread({u: sum(n**3 for n, _ in sizes[u]) for u in units})
+        mine = {u for u in units if owners[u] == dist.rank()}
         # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
         # side); each float64 sum is released once decomposed, so the peak holds the sums plus a few workspaces
         pending = deque(
             (name, side, block)
-            for name, st in self.state.items()
-            for side in ("a", "s")
-            if f"{side}_sum" in st
-            for block in st.pop(f"{side}_sum")
+            for name, side in units
+            for block in self.state[name].pop(f"{side}_sum")
+            if (name, side) in mine
         )
         done: dict[tuple[str, str], list] = {}
         width = torch.get_num_threads() if pending and pending[0][2].device.type == "cpu" else 1
-        while pending:
-            chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
-            means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
-            keys = [(name, side) for name, side, _ in chunk]
-            del chunk
-            for key, (e, q) in zip(keys, cm.eigh_many(means)):
-                done.setdefault(key, []).append((e.to(self.dtype), q.to(self.dtype)))
-            del means
+        with dist.checked():  # a rank whose decomposition fails stops the others before the broadcasts
+            while pending:
+                chunk = [pending.popleft() for _ in range(min(width, len(pending)))]
+                means = [cm.unpack_symmetric(block) / num_tokens for _, _, block in chunk]
+                keys = [(name, side) for name, side, _ in chunk]
+                del chunk
+                for key, (e, q) in zip(keys, cm.eigh_many(means)):
+                    done.setdefault(key, []).append((e.to(self.dtype), q.to(self.dtype)))
+                del means
+        if dist.active():
+            done = self._share_bases(units, owners, sizes, done)
         for (name, side), parts in done.items():
             st = self.state[name]
             st[f"e_{side}"] = torch.cat([e for e, _ in parts])
@@ -106,6 +129,20 @@ class KFAC(EigenbasisCurvature):
             for st in self.state.values():
                 st["lambda"] = (mean_tokens * torch.outer(st["e_s"].double(), st["e_a"].double())).to(self.dtype)  # [O, I]
         self._place()
+
+    def _share_bases(self, units: list, owners: dict, sizes: dict, done: dict) -> dict:
+        """Every rank's eigendecompositions on every rank: each (layer, side) broadcast from the rank that computed it."""
+        out = {}
+        for unit in units:
+            src = owners[unit]
+            if src == dist.rank():
+                parts = done[unit]
+            else:
+                parts = [(torch.empty(n, dtype=self.dtype, device=dev), torch.empty(n, n, dtype=self.dtype, device=dev)) for n, dev in sizes[unit]]
+            for e, q in parts:
+                dist.broadcast_([e, q], src)
+            out[unit] = parts
+        return out
 
 
 class EKFAC(KFAC):

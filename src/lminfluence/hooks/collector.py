@@ -57,7 +57,7 @@ class Collector:
         self._version: dict[str, int] = {}
         self._shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook))
             self._handles.append(module.register_forward_hook(self._make_hook(name)))

@@ -1,8 +1,9 @@
 """A gradient index: the training side computed once, any number of query sets answered from it (docs/index.md).
 
 ``build_index`` makes one pass over the training sequences and stores each
-one's per-layer gradient compressed (by default its coordinates in the
-EK-FAC eigenbasis where the curvature is largest); ``score_with_index`` then
+one's per-layer gradient compressed (by default its own largest coordinates
+in the EK-FAC eigenbasis, weighted by what they add to a preconditioned inner
+product); ``score_with_index`` then
 computes only the queries' gradients and contracts them with the index, and
 ``two_stage_with_index`` re-scores each query's top at full rank with the model.
 """

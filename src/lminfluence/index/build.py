@@ -24,6 +24,7 @@ from ..curvature.factors import Factors, tracked_modules
 from ..errors import ConfigError, InputError, StaleError
 from ..hooks.collector import LayerCapture
 from ..passes import model_device, run_pass, tracking
+from ..scoring.pairwise import _size
 from ..scoring.two_stage import subset
 from ..task.base import Task
 from .codecs import LayerBasis, pack
@@ -100,7 +101,8 @@ def build_index(
         train: the indexable training sequences (example dicts, as for ``compute_scores``).
         path: the index directory (created; an index of other settings or factors there is refused).
         config: compression, size and storage type.
-        execution: batch size of the pass.
+        execution: batch size of the pass (None: from the memory plan; give it to make a resumed
+            build's batches, hence its bytes, those of an uninterrupted one on any machine).
         rank, world_size: this process's share under data parallelism: the shards of cells c with
             c mod world_size = rank.
         on_batch: called with the sequence positions [B] and captures of every batch of the pass
@@ -129,6 +131,11 @@ def build_index(
         remove_temporary_files(files.path)
     size = plan.sequences_per_shard
     pieces = [p for p in missing_pieces(_check_existing(files, train), len(train), size) if (p[0] // size) % world_size == rank]  # type: ignore[arg-type]
+    if pieces and execution.batch_size is None:
+        from ..config import ScoreConfig
+        from ..scoring.pairwise import _sizes
+
+        execution, _ = _sizes(model, factors, ScoreConfig(), execution, task, train=train, stages=("score",))
     if pieces:
         logger.info("index %s: %d shard(s) to build on rank %d, %s bytes per sequence", files.path, len(pieces), rank, f"{plan.bytes_per_sequence:,}")
         like = torch.empty(0, dtype=compute_dtype(model), device=model_device(model))
@@ -139,7 +146,7 @@ def build_index(
                 parts: dict[str, list[torch.Tensor]] = {}
                 pos = start
                 rows = subset(train, np.arange(start, end))
-                for bc in run_pass(model, task, col, rows, execution.batch_size, "true", desc=f"index {start}-{end - 1}"):
+                for bc in run_pass(model, task, col, rows, _size(execution.batch_size), "true", desc=f"index {start}-{end - 1}"):
                     for name, cap in bc.captures.items():
                         encoded = plan.codecs[name].encode(cap.a, cap.ds, bases[name], aux[name])
                         for key, t in pack(encoded, plan.storage_dtype).items():

@@ -36,18 +36,21 @@ from ..curvature.base import Curvature
 
 @dataclass
 class LayerBasis:
-    """One layer's EK-FAC eigenbasis in the compute dtype and device: Q_A [I, I], Q_S [O, O] (None: the
-    parameter basis, as for the diagonal strategy) and Λ [O, I]."""
+    """One layer's EK-FAC eigenbasis in the compute dtype and device.
+
+    Q_A [I, I], Q_S [O, O] (None: the
+    parameter basis, as for the diagonal strategy) and Λ [O, I].
+    """
 
     q_a: torch.Tensor | None
     q_s: torch.Tensor | None
     lam: torch.Tensor
 
     @classmethod
-    def of(cls, curvature: Curvature, name: str, like: torch.Tensor) -> "LayerBasis":
+    def of(cls, curvature: Curvature, name: str, like: torch.Tensor) -> LayerBasis:
         q_a, q_s = curvature.bases(name, like)
         lam = curvature.state[name]["lambda"].to(device=like.device, dtype=like.dtype)
-        return cls(q_a, q_s, lam)
+        return cls(dense(q_a), dense(q_s), lam)
 
     def rotate(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
         """R = Q_Sᵀ DW Q_A per sequence, [B, O, I]."""
@@ -55,7 +58,12 @@ class LayerBasis:
 
     def to_parameters(self, m: torch.Tensor) -> torch.Tensor:
         """Q_S M Q_Aᵀ for M [..., O, I] in the eigenbasis."""
-        return m if self.q_a is None else self.q_s @ m @ self.q_a.T
+        return m if self.q_a is None or self.q_s is None else self.q_s @ m @ self.q_a.T
+
+
+def dense(q: cm.Basis | None) -> torch.Tensor | None:
+    """A basis as one matrix: block-diagonal factors (``FactorConfig.blocks``) come as a tuple of blocks, in order."""
+    return torch.block_diag(*q) if isinstance(q, tuple) else q
 
 
 class QueryGradients:
@@ -247,8 +255,11 @@ class EigenTopk(Codec):
 
 
 class Svd(Codec):
-    """DW ≈ U diag(σ) Vᵀ of rank r, the best such (Eckart–Young), kept rotated into the eigenbasis
-    (Q_Sᵀ U, Q_Aᵀ V: the same approximation of R = Q_Sᵀ DW Q_A, so queries contract with M)."""
+    """DW ≈ U diag(σ) Vᵀ of rank r, the best such (Eckart–Young).
+
+    Kept rotated into the eigenbasis
+    (Q_Sᵀ U, Q_Aᵀ V: the same approximation of R = Q_Sᵀ DW Q_A, so queries contract with M).
+    """
 
     method = "svd"
 
@@ -283,10 +294,13 @@ class Svd(Codec):
 
 
 class WhitenedSvd(Svd):
-    """The best rank-r factors of R' = diag(α) R diag(β), R whitened by the Kronecker-structured weights αβᵀ
+    """The best rank-r factors of R' = diag(α) R diag(β).
+
+    R is whitened by the Kronecker-structured weights αβᵀ
     closest to (Λ + λ)^(-1/2) (its leading singular pair): a low-rank fit in (nearly) the metric the
     preconditioned inner product measures, where the plain SVD spends its rank on high-curvature
-    directions that preconditioning then divides away. Queries contract as M ⊘ (αβᵀ)."""
+    directions that preconditioning then divides away. Queries contract as M ⊘ (αβᵀ).
+    """
 
     method = "whitened_svd"
 
@@ -376,6 +390,7 @@ CODECS: dict[str, type[Codec]] = {c.method: c for c in (Eigen, EigenTopk, Svd, W
 
 
 def make_codec(method: str, out_dim: int, in_dim: int, reduction: float, itemsize: int) -> Codec:
+    """The codec of ``method`` for an O × I layer at 1/``reduction`` of its size in ``itemsize``-byte values."""
     return CODECS[method](out_dim, in_dim, reduction, itemsize)
 
 

@@ -25,8 +25,10 @@ class IndexConfig(Serializable):
             ``eigen``: the coordinates of R = Q_Sᵀ DW Q_A (the EK-FAC eigenbasis)
             where the fitted eigenvalues Λ are largest, the same coordinates for
             every sequence (exact on the kept subspace);
-            ``eigen_topk``: each sequence's own largest coordinates of R, weighted
-            by what they add to a preconditioned inner product, with their positions;
+            ``eigen_topk`` (the default: the most faithful at equal size in
+            docs/index.md's measurements): each sequence's own largest coordinates
+            of R, weighted by what they add to a preconditioned inner product, with
+            their positions;
             ``svd``: the best rank-r factorisation of DW;
             ``random``: a Kronecker-structured Gaussian projection Π_out DW Π_inᵀ
             (LoGra's), the preconditioned query projected the same way;
@@ -41,7 +43,7 @@ class IndexConfig(Serializable):
         shard_mib: target size of one shard file (the unit of resuming).
     """
 
-    method: Method = option("eigen", "compression: eigen, eigen_topk, svd, random or full (exact)")
+    method: Method = option("eigen_topk", "compression: eigen_topk, eigen, svd, whitened_svd, random or full (exact); docs/index.md compares them")
     reduction: float = option(50.0, "store 1/reduction of each sequence's gradient (not used by full)")
     dtype: StorageDtype = option("float16", "storage type of the coefficients: float16, bfloat16, float32, float64")
     damping_scale: float = option(0.1, "relative damping of eigen_topk's selection weights")

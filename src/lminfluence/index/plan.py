@@ -45,7 +45,7 @@ class IndexPlan:
     selection_damping: dict[str, float]
 
     @classmethod
-    def of(cls, factors: Factors, config: IndexConfig) -> "IndexPlan":
+    def of(cls, factors: Factors, config: IndexConfig) -> IndexPlan:
         if factors.strategy not in SUPPORTED:
             raise ConfigError(
                 f"a gradient index needs a curvature with a per-layer eigenbasis ({', '.join(SUPPORTED)}); "
@@ -122,7 +122,7 @@ class GradientIndex:
         self.num_sequences = files.coverage()
 
     @classmethod
-    def open(cls, path: str | Path) -> "GradientIndex":
+    def open(cls, path: str | Path) -> GradientIndex:
         """Read the manifest and list the shards; raises InputError/CorruptFileError when there is no usable index."""
         return cls(IndexFiles(path, IndexFiles.read_manifest(path)))
 

@@ -22,8 +22,9 @@ from torch import nn
 from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import ConfigError
+from ..filtering.tfidf import TfidfIndex
 from ..passes import as_reiterable, run_pass, tracking
-from ..scoring.pairwise import SCALE_NOTE, Scores, layer_dampings
+from ..scoring.pairwise import SCALE_NOTE, Scores, _size, _sizes, layer_dampings
 from ..scoring.two_stage import ChunkStore, MemoryStore, TwoStageConfig, TwoStageResult, _Run, select_candidates
 from ..task.base import Task
 from .codecs import LayerBasis, QueryGradients, unpack
@@ -57,7 +58,7 @@ def score_with_index(
         index: an index built with these ``factors`` (or its directory).
         config: damping and ``per_layer``; ``query_rank`` and ``per_token`` do not apply
             (per-token scores need the model over the sequences: ``two_stage_with_index``).
-        execution: ``query_batch_size`` queries per gradient pass.
+        execution: ``query_batch_size`` queries per gradient pass (None: from the memory plan).
         train: when given, the indexed sequences are checked against it (StaleError if they differ).
 
     Raises:
@@ -75,9 +76,12 @@ def score_with_index(
     if train is not None:
         index.check_examples(train)
     dampings = layer_dampings(factors, config)
+    queries = as_reiterable(queries, "queries")
+    if execution.query_batch_size is None:
+        execution, _ = _sizes(model, factors, config, execution, task, queries=queries, stages=("precondition",))
     captures: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, as_reiterable(queries, "queries"), execution.query_batch_size, "measurement", desc="queries"):
+        for bc in run_pass(model, task, col, queries, _size(execution.query_batch_size), "measurement", desc="queries"):
             captures.append({n: (c.a.detach(), c.ds.detach()) for n, c in bc.captures.items()})
     dtype = next(iter(captures[0].values()))[0].dtype
     Q = sum(next(iter(c.values()))[0].shape[0] for c in captures)
@@ -119,6 +123,8 @@ def two_stage_with_index(
     task: Task | None = None,
     execution: Execution = Execution(),
     store: ChunkStore | None = None,
+    tfidf: TfidfIndex | None = None,
+    chunk_size: int = 1024,
 ) -> TwoStageResult:
     """The two-stage procedure with the index as its first stage (scoring/two_stage.py).
 
@@ -130,7 +136,10 @@ def two_stage_with_index(
 
     Args:
         train: the indexable training set the index was built from (checked).
+        execution: batch sizes (None: from the memory plan).
         store: where finished re-score and detail chunks go (keyed by the caller).
+        tfidf: a prebuilt TF-IDF index over the indexed sequences (built here when needed and None).
+        chunk_size: the re-scoring's unit of resuming, as for ``two_stage_scores``.
     """
     from ..task.causal_lm import CausalLMTask
 
@@ -140,12 +149,15 @@ def two_stage_with_index(
     if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
         train = list(train)
     index = _opened(index)
+    task = task or CausalLMTask()
+    if execution.batch_size is None or execution.query_batch_size is None:  # sizes left automatic: from the memory plan
+        execution, _ = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
     scan_config = ScoreConfig(damping_scale=config.damping_scale, damping=config.damping)
     scores = score_with_index(model, factors, index, queries, scan_config, task=task, execution=execution, train=train)
     first = scores.total.double().numpy()  # [Q, N]
-    union, tfidf, mask = select_candidates(None, subset_or_all(train, index.num_sequences), queries, stages.candidates)
+    union, tfidf_scores, mask = select_candidates(tfidf, subset_or_all(train, index.num_sequences), queries, stages.candidates)
     first = np.where(mask, first[:, union], np.nan)
-    run = _Run(model, factors, queries, train, config, stages, task or CausalLMTask(), execution, store or MemoryStore(), 1)
+    run = _Run(model, factors, queries, train, config, stages, task, execution, store or MemoryStore(), chunk_size)
     if stages.rescore_top:
         final, choice = run.rescore(union, first)
         detail_rank = None
@@ -153,7 +165,7 @@ def two_stage_with_index(
         final, choice, detail_rank = first, first, config.query_rank
     shown = run.details(union, choice, detail_rank)
     meta = {**scores.meta, "damping": layer_dampings(factors, config), "query_rank": config.query_rank}
-    return TwoStageResult(columns=union, first=first, final=final, tfidf=tfidf, shown=shown, meta=meta)
+    return TwoStageResult(columns=union, first=first, final=final, tfidf=tfidf_scores, shown=shown, meta=meta)
 
 
 def subset_or_all(train: Any, n: int) -> Any:

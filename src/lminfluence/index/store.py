@@ -55,6 +55,7 @@ def remove_temporary_files(path: str | Path) -> None:
 
 
 def shard_name(start: int, end: int) -> str:
+    """The file name of the shard of sequences [start, end)."""
     return f"{start:010d}-{end:010d}.safetensors"
 
 
@@ -73,8 +74,11 @@ def examples_digest(examples: Iterable[Mapping[str, Any]]) -> str:
 
 
 def factors_fingerprint(factors: Factors) -> str:
-    """Identifies fitted factors: their model's fingerprint, strategy, settings, counts, and a strided sample
-    of every tensor (4096 values each; any refit on other data or settings changes it, at little cost)."""
+    """Identifies fitted factors.
+
+    Their model's fingerprint, strategy, settings, counts, and a strided sample
+    of every tensor (4096 values each; any refit on other data or settings changes it, at little cost).
+    """
     h = hashlib.sha256()
     h.update(json.dumps([factors.fingerprint, factors.strategy, factors.config.to_dict(), factors.num_tokens, factors.num_sequences]).encode())
     for key, t in sorted(factors.curvature.state_dict().items()):
@@ -99,7 +103,8 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    """CRC-32 of a tensor's bytes."""
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class IndexFiles:
         return manifest
 
     @classmethod
-    def create(cls, path: str | Path, manifest: dict[str, Any]) -> "IndexFiles":
+    def create(cls, path: str | Path, manifest: dict[str, Any]) -> IndexFiles:
         """Open ``path`` for building with ``manifest``: written if absent, else it must be the same (StaleError)."""
         path = Path(path)
         if (path / MANIFEST).is_file():

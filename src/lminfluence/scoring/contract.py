@@ -44,7 +44,9 @@ class LayerQueries:
     ) -> LayerQueries:
         """(G + λI)⁻¹ ∇g for each query of a capture, dense, or rank-``rank`` factors when that is smaller."""
         if rank is None or rank >= min(a.shape[-1], ds.shape[-1]):
-            return cls(dense=curvature.precondition_captures(name, a, ds, damping))
+            dense = curvature.precondition_captures(name, a, ds, damping)
+            assert isinstance(dense, torch.Tensor)  # without a rank: one dense tensor
+            return cls(dense=dense)
         u, s, w = curvature.precondition_captures(name, a, ds, damping, rank)
         return cls(u=u, s=s, v=w)
 
@@ -176,8 +178,10 @@ def layer_scores(
 
 def _project_low_rank(lq: LayerQueries, a2: torch.Tensor, ds2: torch.Tensor) -> torch.Tensor:
     """Σ_k σ_k (ds_t·u_k)(v_k·ā_t) for every token and query, [B·T, Q]."""
-    Q, O, R = lq.u.shape  # type: ignore[union-attr]
-    I = lq.v.shape[1]  # type: ignore[union-attr]
+    if lq.u is None or lq.v is None or lq.s is None:
+        raise ValueError("a dense LayerQueries has no rank-R factors to project with")
+    Q, O, R = lq.u.shape
+    I = lq.v.shape[1]
     out = []
     for qs in batch_chunks(Q, a2.shape[0] * R, CHUNK_ELEMENTS):
         u = lq.u[qs].to(a2.dtype).permute(1, 0, 2).reshape(O, -1)  # [O, q·R]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dist
 from ..config import Execution, ScoreConfig
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import InputError
@@ -137,7 +138,7 @@ def precondition_queries(
     refining = config.refine != "none" and curvature_data is not None  # CG's products pass over the training data
     if execution.query_batch_size is None or (refining and execution.batch_size is None):
         stages = ("precondition", "score") if refining else ("precondition",)
-        if refining:
+        if refining and curvature_data is not None:
             curvature_data = as_reiterable(curvature_data, "curvature_data")
         execution, _ = _sizes(model, factors, config, execution, task, train=curvature_data if refining else None, queries=queries, stages=stages)
     if execution.offload_factors:  # no device copies of the factors kept: one layer at a time
@@ -178,6 +179,10 @@ def compute_scores(
     grow with N beyond the result.
     With ``strategy="lissa"`` or ``config.refine="cg"`` the Gauss–Newton products
     are formed over ``curvature_data`` (default: ``train``).
+
+    Under ``torch.distributed`` call it on every rank with the same arguments:
+    each rank preconditions a share of the queries and broadcasts them, scores
+    a contiguous share of ``train``, and every rank returns all the scores.
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
@@ -187,18 +192,57 @@ def compute_scores(
     execution, plan = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
     group = plan.query_group if plan is not None and plan.query_group else None
     if group is None or group >= len(queries):  # type: ignore[arg-type]
-        pq = precondition_queries(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
-        scores = score_preconditioned(model, factors, pq, train, config, task=task, execution=execution)
+        pq = _precondition_shared(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
+        scores = _score_shared(model, factors, pq, train, config, task=task, execution=execution)
     else:  # the preconditioned gradients of all queries do not fit: one pass over the data per group
         parts = []
         for start in range(0, len(queries), group):  # type: ignore[arg-type]
             some = [queries[i] for i in range(start, min(start + group, len(queries)))]  # type: ignore[index, arg-type]
-            pq = precondition_queries(model, factors, some, config, task=task, execution=execution, curvature_data=data, meta=meta)
-            parts.append(score_preconditioned(model, factors, pq, train, config, task=task, execution=execution))
+            pq = _precondition_shared(model, factors, some, config, task=task, execution=execution, curvature_data=data, meta=meta)
+            parts.append(_score_shared(model, factors, pq, train, config, task=task, execution=execution))
             del pq
         scores = _join_query_groups(parts)
     scores.meta.update(meta)
     return scores
+
+
+def _precondition_shared(model, factors, queries, config, **kwargs) -> dict[str, LayerQueries]:
+    """``precondition_queries``; under torch.distributed each rank solves every K-th query and all receive all."""
+    if not dist.active() or dist.sharded_model(model):  # FSDP: every rank runs every forward, so all precondition all
+        return precondition_queries(model, factors, queries, config, **kwargs)
+    from .two_stage import _share
+
+    queries = list(queries)
+    positions = dist.shard(list(range(len(queries))))
+    with dist.checked():
+        mine = precondition_queries(model, factors, [queries[i] for i in positions], config, **kwargs) if positions else None
+    return _share(mine, positions, list(factors.layers), model_device(model))
+
+
+def _local_train(train: Any) -> Any:
+    """This rank's contiguous share of ``train`` (all of it in one process)."""
+    if not dist.active():
+        return train
+    n = len(train) if hasattr(train, "__len__") else sum(1 for _ in train)
+    if n < dist.world_size():
+        raise InputError(f"train: {n} sequences for {dist.world_size()} processes; every process needs at least one (use fewer processes)")
+    return dist.Slice(train, *dist.span(n))
+
+
+def _score_shared(model, factors, pq, train, config, **kwargs) -> Scores:
+    """``score_preconditioned``; under torch.distributed each rank scores its share of ``train``, all receive all scores."""
+    if not dist.active():
+        return score_preconditioned(model, factors, pq, train, config, **kwargs)
+    local = _local_train(train)
+    dist.require_same_batches(model, len(local), _size(kwargs["execution"].batch_size), "score")
+    with dist.checked():
+        mine = score_preconditioned(model, factors, pq, local, config, **kwargs)
+    return Scores(
+        total=dist.gather_cat(mine.total, 1),
+        per_layer={n: dist.gather_cat(t, 1) for n, t in mine.per_layer.items()} if mine.per_layer is not None else None,
+        per_token=dist.gather_cat(mine.per_token, 1, pad_dims=(2,)) if mine.per_token is not None else None,
+        meta=mine.meta,
+    )
 
 
 def _join_query_groups(parts: list[Scores]) -> Scores:
@@ -227,6 +271,7 @@ def score_preconditioned(
     Lets a long job precondition its queries once and stream the training set
     in chunks (resume, candidate subsets). ``config`` must be the one the
     queries were preconditioned with (damping and rank are baked into them).
+    It runs on this process's data only, also under torch.distributed.
     """
     modules, _, task, meta = _setup(model, factors, config, task)
     missing = sorted(set(modules) - set(preconditioned))
@@ -244,8 +289,8 @@ def score_preconditioned(
     token_parts: list[torch.Tensor] = []
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="score"):
-            batch_total = 0
-            batch_tokens = 0
+            batch_total: torch.Tensor | None = None
+            batch_tokens: torch.Tensor | None = None
             for name, cap in bc.captures.items():
                 B, T, I = cap.a.shape
                 if name not in keep:
@@ -254,14 +299,18 @@ def score_preconditioned(
                     spare -= lq.expanded_bytes if keep[name] and lq.dense is None else 0
                 algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm, B, keep[name])
                 tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm, keep[name])
-                batch_total = batch_total + tot
+                batch_total = tot if batch_total is None else batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())
                 if config.per_token:
-                    batch_tokens = batch_tokens + tok
-            totals.append(batch_total.cpu())  # type: ignore[union-attr]
-            if config.per_token:
-                token_parts.append(batch_tokens.cpu())  # type: ignore[union-attr]
+                    if tok is None:
+                        raise RuntimeError(f"no per-token scores from the {algorithm!r} algorithm (a bug in lminfluence)")
+                    batch_tokens = tok if batch_tokens is None else batch_tokens + tok
+            if batch_total is None:
+                raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
+            totals.append(batch_total.cpu())
+            if config.per_token and batch_tokens is not None:
+                token_parts.append(batch_tokens.cpu())
     return Scores(
         total=torch.cat(totals, dim=1),
         per_layer={n: torch.cat(p, dim=1) for n, p in layer_parts.items()} if config.per_layer else None,
@@ -283,32 +332,38 @@ def compute_self_scores(
 
     Large values flag outliers and memorised sequences. ``per_layer`` fills
     ``Scores.per_layer`` with [N] tensors; per-token self-influence is not defined.
+    Under ``torch.distributed`` each rank scores a contiguous share of ``train``
+    and every rank returns all the scores.
     """
     if config.per_token:
         raise InputError("per_token is not defined for self-influence; use per_layer")
     if config.refine != "none":
         raise InputError("refine applies to queries (one solve each), not to self-influence: use refine='none'")
     modules, dampings, task, meta = _setup(model, factors, config, task)
-    train = as_reiterable(train, "train")
+    train = _local_train(as_reiterable(train, "train"))
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+    if dist.sharded_model(model):
+        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")  # type: ignore[arg-type]
     curvature = factors.curvature
     if execution.offload_factors:
         curvature.offload = True
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-    with tracking(model, modules) as col:
+    with dist.checked(), tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="self-influence"):
-            batch_total = 0
+            batch_total: torch.Tensor | None = None
             for name, cap in bc.captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]
-                batch_total = batch_total + tot
+                batch_total = tot if batch_total is None else batch_total + tot
                 if config.per_layer:
                     layer_parts[name].append(tot.cpu())
-            totals.append(batch_total.cpu())  # type: ignore[union-attr]
+            if batch_total is None:
+                raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
+            totals.append(batch_total.cpu())
     return Scores(
-        total=torch.cat(totals),
-        per_layer={n: torch.cat(p) for n, p in layer_parts.items()} if config.per_layer else None,
+        total=dist.gather_cat(torch.cat(totals), 0),
+        per_layer={n: dist.gather_cat(torch.cat(p), 0) for n, p in layer_parts.items()} if config.per_layer else None,
         meta=meta,
     )
 

@@ -32,11 +32,11 @@ from ..config import Execution, ScoreConfig, Serializable, check_positive_int, o
 from ..curvature.factors import Factors
 from ..errors import ConfigError
 from ..filtering.tfidf import TfidfIndex
-from ..passes import model_device, run_pass, tracking
+from ..passes import half_autocast, model_device, run_pass, tracking
 from ..progress import progress
 from ..task.base import Task
 from .contract import LayerQueries, layer_scores
-from .pairwise import precondition_queries, score_preconditioned
+from .pairwise import _size, _sizes, precondition_queries, score_preconditioned
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ _FIELDS = ("dense", "u", "s", "v")
 
 def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: list[str], device: torch.device) -> dict[str, LayerQueries]:
     """Every rank's preconditioned queries on every rank (on ``device``), in query order (each rank computed ``positions``)."""
-    fields_of = {n: {f: t.contiguous() for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}  # collectives send storage if local is not None else None
+    # collectives send a tensor's storage: a view (a rank-R factor from LayerQueries.concat) goes as a contiguous copy
+    fields_of = None if local is None else {n: {f: t.contiguous() for f in _FIELDS if (t := getattr(local[n], f)) is not None} for n in layers}
     shapes = None if fields_of is None else {n: {f: (tuple(t.shape), str(t.dtype)) for f, t in fs.items()} for n, fs in fields_of.items()}
     metas = dist.all_gather_objects(shapes)
     order = np.concatenate([np.asarray(p, dtype=np.int64) for p in dist.all_gather_objects(positions)])
@@ -212,7 +213,7 @@ def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: 
             received = {}
             for f, (shape, dtype) in meta[n].items():
                 mine = fields_of is not None and r == dist.rank()
-                t = fields_of[n][f] if mine else torch.empty(shape, dtype=_DTYPES[dtype], device=device)  # type: ignore[index]
+                t = fields_of[n][f] if fields_of is not None and mine else torch.empty(shape, dtype=_DTYPES[dtype], device=device)
                 dist.broadcast_([t], src=r)
                 received[f] = t
             pieces[n].append(LayerQueries(**received))
@@ -406,6 +407,8 @@ def shown_details(
     task = task or CausalLMTask()
     modules, _, _, _ = _setup(model, factors, ScoreConfig(), task)
     layers = list(modules)
+    if execution.batch_size is None:  # left automatic: from the memory plan
+        execution, _ = _sizes(model, factors, ScoreConfig(), execution, task, train=train, stages=("score",), preconditioned=True)
     union = np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
     where = {int(s): i for i, s in enumerate(union)}  # sequence → position in the pass
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
@@ -415,7 +418,7 @@ def shown_details(
     members = [np.asarray([where[int(s)] for s in r], dtype=np.int64) for r in rows]  # positions in the pass
     start = 0
     with tracking(model, modules) as col:
-        for bc in run_pass(model, task, col, subset(train, union), execution.batch_size, "true", desc="details"):
+        for bc in run_pass(model, task, col, subset(train, union), _size(execution.batch_size), "true", autocast=half_autocast(model), desc="details"):
             stop = start + bc.num_sequences
             for j, pos in enumerate(members):
                 hit = np.flatnonzero((pos >= start) & (pos < stop))
@@ -480,8 +483,6 @@ def two_stage_scores(
         train = list(train)
     task = task or CausalLMTask()
     if execution.batch_size is None or execution.query_batch_size is None:  # sizes left automatic: from the memory plan
-        from .pairwise import _sizes
-
         execution, _ = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
     run = _Run(model, factors, queries, train, config, stages, task, execution, store or MemoryStore(), chunk_size)
     union, tfidf, mask = select_candidates(index, train, queries, stages.candidates)

@@ -20,6 +20,7 @@ TOP_TABLE = "scores/top.parquet"  # one row per (query, top sequence)
 LAYERS_TABLE = "scores/layers.parquet"  # one row per (query, top sequence, tracked layer)
 TOKENS_TABLE = "scores/tokens.parquet"  # one row per (query, top sequence, token)
 MATRIX_TABLE = "scores/matrix.parquet"  # every scored (query, sequence) pair
+INDEX_DIR = "index"  # the gradient index of the corpus (lminfluence index; docs/index.md)
 ANALYSIS_DIR = "analysis"  # the analyses of a scored run: <name>.parquet per analysis (lminfluence.analysis)
 REPORT_DIR = "report"
 REPORT_FILE = "report/index.html"

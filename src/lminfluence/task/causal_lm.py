@@ -99,7 +99,8 @@ class CausalLMTask(Task):
         }
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        emb = get_embeddings() if callable(get_embeddings) else None
         vocab = getattr(emb, "num_embeddings", None)
         if vocab is not None and int(batch["input_ids"].max()) >= vocab:
             raise InputError(

@@ -6,6 +6,7 @@ Sections and what they are made of (every key is a field of one dataclass, with 
     corpus:    CorpusSection
     fit:       FactorConfig + Execution (batch_size, cache_gib, …)
     score:     ScoreConfig + TwoStageConfig + ScoreFiles + Execution (batch_size, query_batch_size, …)
+    index:     IndexConfig + Execution (batch_size)
 
 Precedence: defaults < a YAML file (``--config``) < command-line flags. Paths
 are stored absolute, so a saved config replays from any working directory.
@@ -29,11 +30,12 @@ from ..config import (
     option,
 )
 from ..errors import ConfigError, InputError
+from ..index.config import IndexConfig
 from ..scoring.two_stage import TwoStageConfig
 
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
-SECTIONS = ("model", "corpus", "fit", "score")
+SECTIONS = ("model", "corpus", "fit", "score", "index")
 
 
 def _abs(path: str | None) -> str | None:
@@ -107,12 +109,14 @@ class ScoreFiles(Serializable):
     queries: str = option("", "JSON Lines with prompt, completion and optional id, group, language")
     save_matrix: bool = option(True, "write every scored (query, sequence) pair to scores/matrix.parquet (the analyses need it)")
     chunk_size: int = option(1024, "sequences per saved chunk of the scan, the unit of resuming")
+    index: bool = option(False, "rank with the run's gradient index (`lminfluence index`) instead of a model pass over the training data")
 
     def __post_init__(self) -> None:
         if not isinstance(self.queries, str) or not self.queries:
             raise ConfigError("score.queries is required (--queries)")
         object.__setattr__(self, "queries", _abs(self.queries))
         check_bool("score.save_matrix", self.save_matrix)
+        check_bool("score.index", self.index)
         check_positive_int("score.chunk_size", self.chunk_size)
 
 
@@ -158,7 +162,7 @@ class Composite:
                 parts[attr] = part(**kwargs[attr])
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{where}: {e}") from e
-        return cls(**parts)  # type: ignore[call-arg]
+        return cls(**parts)
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class FitSection(Composite):
     factors: FactorConfig = field(default_factory=FactorConfig)
     execution: Execution = field(default_factory=Execution)
 
-    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib"))}
+    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib", "memory_gib", "checkpoint_seconds"))}
     FLAGS = {"batch_size": "--fit-batch-size"}
 
 
@@ -185,11 +189,13 @@ class ScoreSection(Composite):
         "files": (ScoreFiles, None),
         "scoring": (ScoreConfig, None),
         "stages": (TwoStageConfig, None),
-        "execution": (Execution, ("batch_size", "query_batch_size")),
+        "execution": (Execution, ("batch_size", "query_batch_size", "memory_gib", "offload_factors")),
     }
     FLAGS = {"batch_size": "--score-batch-size"}
 
     def __post_init__(self) -> None:
+        if self.files.index:  # the index ranks: re-scoring its top needs no low-rank scan
+            return
         try:
             self.stages.check(self.scoring)
         except ConfigError as e:
@@ -197,14 +203,26 @@ class ScoreSection(Composite):
 
 
 @dataclass(frozen=True)
+class IndexSection(Composite):
+    """``index``: how the gradient index compresses and stores each sequence's gradient, and the pass's batch size."""
+
+    config: IndexConfig = field(default_factory=IndexConfig)
+    execution: Execution = field(default_factory=Execution)
+
+    PARTS = {"config": (IndexConfig, None), "execution": (Execution, ("batch_size", "memory_gib"))}
+    FLAGS = {"batch_size": "--index-batch-size", "dtype": "--storage-dtype", "damping_scale": "--selection-damping-scale"}
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything a run directory was made with. ``score`` is None until a score command ran."""
+    """Everything a run directory was made with. ``score`` and ``index`` are None until those commands ran."""
 
     run_dir: str
     model: ModelSection
     corpus: CorpusSection
     fit: FitSection = field(default_factory=FitSection)
     score: ScoreSection | None = None
+    index: IndexSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"run_dir": self.run_dir}
@@ -220,7 +238,7 @@ class RunConfig:
         if not data.get("run_dir") or not isinstance(data["run_dir"], str):
             raise ConfigError(f"{where}: run_dir is required (--run-dir)")
 
-        def simple(section: type, name: str):
+        def simple(section: Any, name: str):
             try:
                 return section.from_dict(_from_keys(section, data.get(name) or {}))
             except ConfigError as e:
@@ -234,6 +252,7 @@ class RunConfig:
             corpus=simple(CorpusSection, "corpus"),
             fit=FitSection.from_dict(data.get("fit"), f"{where}: fit"),
             score=ScoreSection.from_dict(data["score"], f"{where}: score") if data.get("score") else None,
+            index=IndexSection.from_dict(data["index"], f"{where}: index") if data.get("index") is not None else None,
         )
 
 
@@ -298,6 +317,7 @@ __all__ = [
     "FitSection",
     "ScoreSection",
     "ScoreFiles",
+    "IndexSection",
     "RunConfig",
     "Composite",
     "read_yaml",

@@ -18,12 +18,13 @@ from typing import Any
 from torch import nn
 
 from .. import distributed as dist
+from ..config import Execution
 from ..corpus.readers import read_documents
 from ..corpus.sequences import SequenceStore
 from ..curvature.factors import Factors, load_factors
-from ..fitting import fit_factors
 from ..errors import InputError, StaleError
 from ..fingerprint import model_fingerprint, tokenizer_fingerprint
+from ..fitting import fit_factors
 from ..hooks.modules import resolve_modules
 from ..storage import layout
 from ..task.causal_lm import CausalLMTask
@@ -48,6 +49,7 @@ class FitPlan:
     reuse: bool
     store: SequenceStore | None = None  # tokenized already (None: reused, or resumed from the staging area)
     num_documents: int = 0
+    execution: Execution | None = None  # the fit section's, with the sizes it leaves automatic chosen (None: not planned yet)
 
 
 def _section_key(config: RunConfig) -> dict[str, Any]:
@@ -96,7 +98,18 @@ def prepare_fit(config: RunConfig, *, overwrite: bool = False, replace_changed: 
     plan = FitPlan(config, rd, tokenizer, model, modules, key, fingerprints, reuse)
     if not reuse and not staged:  # read and cut the corpus now: its errors come before any write
         plan.store, plan.num_documents = _tokenize(config, tokenizer)
+        plan.execution = _planned_execution(config, model, plan.store)
     return plan
+
+
+def _planned_execution(config: RunConfig, model: nn.Module, store: SequenceStore) -> Execution:
+    """The fit's execution settings with automatic sizes chosen now, so that a budget too small is refused before any write."""
+    execution = config.fit.execution
+    if execution.batch_size is not None and execution.memory_gib is None:
+        return execution
+    from ..memory import plan_for_data
+
+    return plan_for_data(model, config.fit.factors, execution, store, task=CausalLMTask(), stages=("fit",)).execution(execution, stage="fit")
 
 
 def _staged_corpus(rd: RunDir, key: str) -> bool:
@@ -149,8 +162,9 @@ def execute_fit(plan: FitPlan, *, progress: bool = True) -> Factors:
         else:
             store, num_documents = plan.store, plan.num_documents
     t0 = time.perf_counter()
-    output = root / layout.FACTORS_DIR if dist.is_main() else None
-    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=config.fit.execution, output_dir=output)
+    execution = plan.execution or config.fit.execution
+    # every rank checkpoints its shard there; rank 0 alone writes the factors
+    factors = fit_factors(plan.model, store, config.fit.factors, task=CausalLMTask(), execution=execution, output_dir=root / layout.FACTORS_DIR)
     seconds = time.perf_counter() - t0
     logger.info("fitted %s factors on %d layers in %.1fs", factors.strategy, len(plan.modules), seconds)
     with dist.checked():

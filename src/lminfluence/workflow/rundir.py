@@ -42,7 +42,9 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "fit": Stage("fit", ("model", "corpus", "fit"), (layout.CORPUS_DIR, layout.FACTORS_DIR), ("score", "analysis", "report")),
+    "fit": Stage("fit", ("model", "corpus", "fit"), (layout.CORPUS_DIR, layout.FACTORS_DIR), ("index", "score", "analysis", "report")),
+    # scores made through the index carry its identity in their key: a rebuilt index makes them out of date, not deleted
+    "index": Stage("index", ("model", "corpus", "fit", "index"), (layout.INDEX_DIR,), ()),
     "score": Stage("score", ("model", "corpus", "fit", "score"), (layout.SCORES_DIR,), ("analysis", "report")),
     "analysis": Stage("analysis", (), (layout.ANALYSIS_DIR,), ("report",)),
     "report": Stage("report", (), (layout.REPORT_DIR,), ()),
@@ -112,7 +114,7 @@ class RunDir:
         """How ``config`` differs from the finished run of ``stage`` (execution settings aside: they change no result)."""
         saved = self.saved_config() or {}
         new = config.to_dict()
-        ignore = {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds"}
+        ignore = {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors"}
         return [
             f"{section}.{key}: {(saved.get(section) or {}).get(key)!r} → {value!r}"
             for section in STAGES[stage].sections

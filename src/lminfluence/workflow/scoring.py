@@ -5,6 +5,9 @@ the fit, the tokenized corpus, the factors) and decides whether the finished
 scores are up to date, writing nothing. ``execute_score`` runs the procedure
 with its chunks kept on disk (an interrupted run resumes), writes the tables
 into the staging area and commits them; earlier scores stay in place until then.
+With ``score.index`` the run's gradient index ranks the sequences instead of a
+model pass over them (``two_stage_with_index``); the re-scored top and the
+shown sequences' details still come from the model.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..curvature.factors import Factors
 from ..errors import InputError, StaleError
 from ..filtering.tfidf import TfidfIndex
 from ..fingerprint import tokenizer_fingerprint
+from ..index import GradientIndex, two_stage_with_index
 from ..passes import collate_to, model_device
 from ..scoring.pairwise import layer_dampings
 from ..scoring.two_stage import TwoStageResult, two_stage_scores
@@ -121,6 +125,7 @@ class ScorePlan:
     index: TfidfIndex | None
     key: str
     up_to_date: bool
+    gradient_index: GradientIndex | None = None  # score.index: the run's gradient index ranks the sequences
 
 
 def _load_index(rd: RunDir, store: SequenceStore, candidates: int | None) -> TfidfIndex | None:
@@ -159,11 +164,16 @@ def _check_against_fit(rd: RunDir, tokenizer: Any, store: SequenceStore, factors
         raise StaleError(f"the factors were fitted on {factors.num_sequences} sequences but the corpus has {len(store)}; fit again with --overwrite")
 
 
-def _score_key(config: RunConfig, rd: RunDir, examples: list[dict]) -> str:
+def _score_key(config: RunConfig, rd: RunDir, examples: list[dict], gradient_index: GradientIndex | None = None) -> str:
+    from .indexing import manifest_digest
+
     s = config.score
     assert s is not None
+    settings: dict[str, Any] = {"scoring": s.scoring.to_dict(), "stages": s.stages.to_dict(), "save_matrix": s.files.save_matrix}
+    if gradient_index is not None:  # scores ranked by an index depend on it; a rebuilt index makes them out of date
+        settings["index"] = manifest_digest(gradient_index)
     return digest(
-        {"scoring": s.scoring.to_dict(), "stages": s.stages.to_dict(), "save_matrix": s.files.save_matrix},
+        settings,
         (rd.finished("fit") or {}).get("key"),
         [list(map(int, e["input_ids"])) for e in examples],
         [list(map(int, e["labels"])) for e in examples],
@@ -195,7 +205,12 @@ def prepare_score(
     _check_against_fit(rd, tokenizer, store, factors)
     s = config.score
     assert s is not None
-    key = _score_key(config, rd, queries.examples)
+    gradient_index = None
+    if s.files.index:
+        from .indexing import open_run_index
+
+        gradient_index = open_run_index(rd, factors, store)
+    key = _score_key(config, rd, queries.examples, gradient_index)
     finished = rd.finished("score")
     up_to_date = finished is not None and finished.get("key") == key and (rd / layout.QUERIES_TABLE).is_file() and not overwrite
     if finished is not None and not up_to_date and not (overwrite or replace_changed):
@@ -206,7 +221,7 @@ def prepare_score(
         )
     index = _load_index(rd, store, s.stages.candidates)
     up_to_date = dist.broadcast_object(up_to_date)  # rank 0 decides for all (torchrun)
-    return ScorePlan(config, rd, model, tokenizer, store, factors, queries, index, key, up_to_date)
+    return ScorePlan(config, rd, model, tokenizer, store, factors, queries, index, key, up_to_date, gradient_index)
 
 
 def execute_score(plan: ScorePlan) -> None:
@@ -232,10 +247,16 @@ def execute_score(plan: ScorePlan) -> None:
         if dist.is_main():
             _save_index(index, rd / layout.TFIDF_FILE)
         logger.info("built the TF-IDF index over %d sequences in %.1fs", len(plan.store), time.perf_counter() - t0)
-    result = two_stage_scores(
-        plan.model, plan.factors, plan.queries.examples, plan.store, s.scoring, s.stages,
-        task=task, execution=s.execution, store=DiskStore(root / "partial"), index=index, chunk_size=s.files.chunk_size,
-    )  # fmt: skip
+    if plan.gradient_index is not None:
+        result = two_stage_with_index(
+            plan.model, plan.factors, plan.gradient_index, plan.queries.examples, plan.store, s.scoring, s.stages,
+            task=task, execution=s.execution, store=DiskStore(root / "partial"), tfidf=index, chunk_size=s.files.chunk_size,
+        )  # fmt: skip
+    else:
+        result = two_stage_scores(
+            plan.model, plan.factors, plan.queries.examples, plan.store, s.scoring, s.stages,
+            task=task, execution=s.execution, store=DiskStore(root / "partial"), index=index, chunk_size=s.files.chunk_size,
+        )  # fmt: skip
     with dist.checked():  # rank 0 writes the tables and commits; the others wait for its outcome
         if dist.is_main():
             _write_and_commit(plan, result, root, task, t0)
@@ -259,6 +280,7 @@ def _write_and_commit(plan: ScorePlan, result: TwoStageResult, root: Path, task:
         "candidates": s.stages.candidates,
         "rescore_top": s.stages.rescore_top,
         "top": s.stages.top,
+        "index": s.files.index,
         "damping": {"mean": float(np.mean(dampings)), "min": float(np.min(dampings)), "max": float(np.max(dampings))},
         "seconds": round(seconds, 2),
     }
