@@ -18,6 +18,13 @@ real text to run on; which sources were used is reported.
 Documents are chapters (Austen) and chapters (Bible), and pydoc topics;
 ``token_sequences`` cuts them into fixed-length token sequences.
 
+For the paper study (``paper_study.py``) the module also reads Python's own
+sources (``stdlib_code_documents``), the Bible verse by verse in two
+translations aligned by their shared versification (``aligned_verses``:
+``sword-text-kjv`` and the Spanish ``sword-text-sparv``), and LibreOffice's
+help pages in several languages, aligned by page and paragraph id
+(``libreoffice_pages``: ``libreoffice-help-<lang>``).
+
 Usage::
 
     from corpora import load_documents, token_sequences
@@ -36,6 +43,7 @@ import struct
 import subprocess
 import zlib
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -222,10 +230,10 @@ def pydoc_documents() -> list[Document]:
 
 
 def load_documents(cache: Path = DEFAULT_CACHE, sources: tuple[str, ...] = ("austen", "kjv")) -> list[Document]:
-    """Documents of the Debian corpora that could be fetched; pydoc_data when none could."""
+    """Documents of the corpora that could be fetched (``austen``, ``kjv``, ``pydoc``, ``code``); pydoc_data when none could."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    readers = {"austen": austen_documents, "kjv": kjv_documents}
+    readers = {"austen": austen_documents, "kjv": kjv_documents, "pydoc": lambda _: pydoc_documents(), "code": lambda _: stdlib_code_documents()}
     docs = [d for s in sources for d in readers[s](cache)]
     if not docs:
         logger.warning("no Debian corpus available: using Python's pydoc_data instead")
@@ -263,4 +271,162 @@ def token_sequences(
     raise ValueError(f"the documents hold only {len(out)} sequences of {length} tokens, {num} asked for")
 
 
-__all__ = ["Document", "DEFAULT_CACHE", "fetch_debian", "read_r_lazyload", "austen_documents", "kjv_documents", "pydoc_documents", "load_documents", "token_sequences"]
+# ------------------------------------------- code and aligned multilingual text
+
+
+def stdlib_code_documents(max_chars: int = 20000) -> list[Document]:
+    """Python's standard-library modules (``*.py`` at the top level of the stdlib), one document per file, cut at ``max_chars``."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if len(text) > 400 and not path.name.startswith("_"):
+            docs.append(Document("code", path.name, text[:max_chars]))
+    return docs
+
+
+@dataclass(frozen=True)
+class Verse:
+    ref: str  # OSIS reference, e.g. "Gen.1.1"
+    text: str
+
+
+def sword_verses(package: str, cache: Path) -> list[Verse] | None:
+    """Every entry of a SWORD zText module's verse index, in index order (OT then NT), markup removed.
+
+    Entry i of two modules with the same versification is the same verse, which
+    aligns two translations verse by verse. Entries that hold no verse (module,
+    book and chapter headings) have ref "" and are kept so that indices line up.
+    None when the package cannot be fetched.
+    """
+    root = fetch_debian(package, cache)
+    if root is None:
+        return None
+    found = sorted(root.glob("usr/share/sword/modules/texts/ztext/*/"))
+    if not found:
+        logger.warning("%s: no zText module in the package", package)
+        return None
+    out: list[Verse] = []
+    for testament in ("ot", "nt"):
+        bzv, bzs, bzz = ((found[0] / f"{testament}.{x}").read_bytes() for x in ("bzv", "bzs", "bzz"))
+        blocks: dict[int, bytes] = {}
+        chapter, verse = "", 0
+        for i in range(len(bzv) // 10):
+            block, offset, size = struct.unpack_from("<IIH", bzv, 10 * i)  # block, offset in it, size
+            raw = b""
+            if size:
+                if block not in blocks:
+                    start, length, _ = struct.unpack_from("<III", bzs, 12 * block)
+                    blocks[block] = zlib.decompress(bzz[start : start + length])
+                raw = blocks[block][offset : offset + size]
+            xml = raw.decode("utf-8", "replace")
+            heading = re.search(r'<chapter\b[^>]*\bosisID="([^"]+)"', xml)
+            if heading or "<div" in xml and 'type="book"' in xml:
+                chapter, verse = (heading.group(1) if heading else ""), 0
+                out.append(Verse("", ""))
+                continue
+            verse += 1
+            text = re.sub(r"<note\b.*?</note>", "", xml, flags=re.S)
+            text = re.sub(r"\s+", " ", re.sub(r"<[^>]*>", "", text).replace("¶", " ")).strip()
+            out.append(Verse(f"{chapter}.{verse}" if chapter else "", text))
+    return out
+
+
+def aligned_verses(cache: Path, packages: tuple[str, str] = ("sword-text-kjv", "sword-text-sparv")) -> list[tuple[str, str, str]] | None:
+    """(ref, first translation's text, second's) for every verse both modules hold; None when one cannot be fetched.
+
+    Raises ValueError when the two modules' verse indices differ in length (different versifications).
+    """
+    a, b = (sword_verses(p, cache) for p in packages)
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        raise ValueError(f"{packages[0]} has {len(a)} index entries, {packages[1]} {len(b)}: not the same versification")
+    return [(x.ref, x.text, y.text) for x, y in zip(a, b) if x.ref and x.text and y.text]
+
+
+class _HelpPage(HTMLParser):
+    """The text of a LibreOffice help page's display area, and its paragraphs by id."""
+
+    BLOCKS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "td", "div", "pre"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.depth = 0  # > 0 inside <div id="DisplayArea">
+        self.skip = 0  # > 0 inside <script>/<style>
+        self.parts: list[str] = []
+        self.paragraphs: dict[str, str] = {}
+        self.open: list[tuple[str, str, int]] = []  # (tag, id, where its text starts in parts)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("script", "style"):
+            self.skip += 1
+        if self.depth == 0:
+            if tag == "div" and a.get("id") == "DisplayArea":
+                self.depth = 1
+            return
+        if tag == "div":
+            self.depth += 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+            if a.get("id"):
+                self.open.append((tag, a["id"], len(self.parts)))
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self.skip = max(0, self.skip - 1)
+        if self.depth == 0:
+            return
+        if self.open and self.open[-1][0] == tag:
+            _, ident, start = self.open.pop()
+            self.paragraphs[ident] = re.sub(r"\s+", " ", "".join(self.parts[start:])).strip()
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+        if tag == "div":
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth and not self.skip:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = (re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in "".join(self.parts).split("\n"))
+        return "\n".join(line for line in lines if line)
+
+
+def help_page(html: str) -> tuple[str, dict[str, str]]:
+    """(text, paragraph id → text) of one LibreOffice help page."""
+    parser = _HelpPage()
+    parser.feed(html)
+    parser.close()
+    return parser.text(), parser.paragraphs
+
+
+def libreoffice_pages(language: str, cache: Path) -> dict[str, tuple[str, dict[str, str]]] | None:
+    """Help pages of ``libreoffice-help-<language>`` (e.g. en-us, de, zh-cn): relative path → (text, paragraphs by id).
+
+    The same relative path (``text/swriter/guide/table_insert.html``) is the same
+    page in every language, and a paragraph keeps its id across translations.
+    None when the package cannot be fetched.
+    """
+    root = fetch_debian(f"libreoffice-help-{language}", cache)
+    if root is None:
+        return None
+    found = [d for d in sorted((root / "usr/share/libreoffice/help").glob("*")) if d.name.lower() == language.lower()]
+    if not found:
+        logger.warning("libreoffice-help-%s: no help folder for %s", language, language)
+        return None
+    pages = {}
+    for path in sorted(found[0].rglob("*.html")):
+        pages[str(path.relative_to(found[0]))] = help_page(path.read_text(encoding="utf-8", errors="replace"))
+    return pages
+
+
+__all__ = [
+    "Document", "DEFAULT_CACHE", "fetch_debian", "read_r_lazyload", "austen_documents", "kjv_documents", "pydoc_documents",
+    "load_documents", "token_sequences", "stdlib_code_documents", "Verse", "sword_verses", "aligned_verses", "help_page",
+    "libreoffice_pages",
+]
