@@ -145,7 +145,6 @@ def fit_factors(
     one rank and broadcast, and every rank returns the same factors (rank 0
     alone saves them; each rank checkpoints its own shard under ``output_dir``).
     """
-    from .memory import headroom, plan_for_data
     from .task.causal_lm import CausalLMTask
 
     if not isinstance(config, FactorConfig):
@@ -170,15 +169,7 @@ def fit_factors(
     resumed = progress is not None
     if progress is None:
         progress = Progress()
-    batch_size = execution.batch_size or progress.batch_size
-    cache_gib = execution.cache_gib
-    if not batch_size:
-        sizes = plan_for_data(model, config, execution, local, task=task, stages=("fit",))
-        batch_size = sizes.fit_batch_size
-        cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
-        logger.info("fit plan:\n%s", sizes.report())
-    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
-        cache_gib = headroom(model_device(model), execution) / 2 / 2**30
+    batch_size, cache_gib = _batch_and_cache(model, config, execution, local, task, progress.batch_size)
     progress.batch_size = batch_size
     if dist.sharded_model(model):  # FSDP: each forward is a collective, every rank must run as many
         dist.require_same_batches(model, len(local) - progress.start, batch_size, "fit")  # type: ignore[arg-type]
@@ -206,20 +197,7 @@ def fit_factors(
                     autocast=autocast, desc=f"fit {pass_name}", label_draws=config.label_draws,
                 )
             with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
-                for bc in batches:
-                    for draw, captures in enumerate(bc.draws):  # K label draws of one forward pass (FactorConfig.label_draws)
-                        curvature.accumulate(pass_name, captures, draw)
-                    progress.num_tokens += bc.num_tokens
-                    progress.num_sequences += bc.num_sequences
-                    progress.start += bc.num_sequences
-                    if index == 0 and cache is not None:
-                        cache.offer(bc)
-                    del bc
-                    batches_done += 1
-                    test_kill("batch", batches_done)
-                    if checkpoint is not None and checkpoint.due():
-                        progress.seconds[pass_name] = time.perf_counter() - start
-                        checkpoint.save(curvature, progress)
+                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done)
             if index == 0 and cache is not None:
                 cache.close()
             counts = _reduce(curvature, progress.num_tokens, progress.num_sequences)
@@ -239,6 +217,44 @@ def fit_factors(
     if checkpoint is not None:
         checkpoint.clear()
     return factors
+
+
+def _batch_and_cache(model: nn.Module, config: FactorConfig, execution: Execution, local: Any, task: Task, resumed_batch: int) -> tuple[int, float | None]:
+    """The fit's batch size (given, resumed with, or from the memory plan) and the capture cache's GiB."""
+    from .memory import headroom, plan_for_data
+
+    batch_size = execution.batch_size or resumed_batch
+    cache_gib = execution.cache_gib
+    if not batch_size:
+        sizes = plan_for_data(model, config, execution, local, task=task, stages=("fit",))
+        batch_size = sizes.fit_batch_size
+        cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
+        logger.info("fit plan:\n%s", sizes.report())
+    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
+        cache_gib = headroom(model_device(model), execution) / 2 / 2**30
+    return batch_size, cache_gib
+
+
+def _accumulate(
+    curvature: Any, pass_name: str, batches: Iterable[BatchCapture], progress: Progress, cache: CaptureCache | None,
+    checkpoint: FitCheckpoint | None, start: float, batches_done: int,
+) -> int:
+    """Add one pass's batches to the running sums (every label draw), filling the cache and checkpointing; batches done so far."""
+    for bc in batches:
+        for draw, captures in enumerate(bc.draws):  # K label draws of one forward pass (FactorConfig.label_draws)
+            curvature.accumulate(pass_name, captures, draw)
+        progress.num_tokens += bc.num_tokens
+        progress.num_sequences += bc.num_sequences
+        progress.start += bc.num_sequences
+        if cache is not None:
+            cache.offer(bc)
+        del bc
+        batches_done += 1
+        test_kill("batch", batches_done)
+        if checkpoint is not None and checkpoint.due():
+            progress.seconds[pass_name] = time.perf_counter() - start
+            checkpoint.save(curvature, progress)
+    return batches_done
 
 
 def _count(train: Iterable) -> int:
