@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,12 @@ def test_run_under_torchrun_writes_the_single_process_tables(inputs, single, tmp
     done = torchrun("run", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--queries", str(inputs["queries"]), "-o", str(run), *RUN)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("report:") == 1 and (run / layout.REPORT_FILE).is_file()
-    a, b = tables(single), tables(run)
+    assert_close_tables(tables(single), tables(run))
+    assert not (run / layout.STAGING_DIR).exists() and not (run / layout.LOCK_FILE).read_text()
+
+
+def assert_close_tables(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    """Same rows; floats within 1e-5 relative (a float32 model under other batch compositions); ids, ranks and texts equal."""
     for name in a:
         assert a[name].shape == b[name].shape, name
         for col in a[name].columns:
@@ -51,7 +58,6 @@ def test_run_under_torchrun_writes_the_single_process_tables(inputs, single, tmp
                 np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5 * np.nanmax(np.abs(x)), err_msg=f"{name}.{col}")
             elif x.dtype.kind in "iub" or col in ("doc_id", "query_id", "text", "token"):
                 assert (x.to_numpy() == y.to_numpy()).all(), f"{name}.{col}"
-    assert not (run / layout.STAGING_DIR).exists() and not (run / layout.LOCK_FILE).read_text()
 
 
 # ------------------------------------------------------------ a rank killed during a fit
@@ -117,10 +123,88 @@ def test_a_rank_killed_during_a_fit_stops_all_and_the_rerun_resumes_to_identical
     assert not (out / "manifest.json").exists() and (out / "checkpoint" / "rank-1-of-2").is_dir()
     rerun = fit_under_torchrun(tmp_path, out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    reports = [json.loads(line) for line in rerun.stdout.splitlines() if line.startswith("{")]
+    # each rank prints one object; their writes to the shared pipe may land on one line ('{...}{...}\n\n')
+    reports = [json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", rerun.stdout)]
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["resumed"] for r in reports)
     assert not (out / "checkpoint" / "rank-0-of-2").exists() and not (out / "checkpoint" / "rank-1-of-2").exists()
     got = load_file(str(out / "factors.safetensors"))
     assert got.keys() == reference_fit.keys()
     for key, expected in reference_fit.items():
         assert torch.equal(got[key], expected), key
+
+
+# ------------------------------------------------------------ a rank killed during a score
+
+# RUN's score settings; one query per re-score and details piece: 3 of each, rank 1 owns the middle one
+SCORE = ["--candidates", "30", "--rank", "4", "--rescore-top", "8", "--top", "3", "--chunk-size", "8", "--query-batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def fitted(inputs, tmp_path_factory):
+    """A run directory with fitted factors (one process); each score test works on a copy."""
+    run = tmp_path_factory.mktemp("fitted") / "run"
+    assert main(["fit", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "-o", str(run), "--max-length", "32", "-q"]) == 0
+    return run
+
+
+def score_under_torchrun(inputs, fitted: Path, run: Path, kill: str | None = None, rank: int = 1) -> subprocess.CompletedProcess:
+    """``lminfluence score`` on 2 processes into ``run`` (a copy of ``fitted`` made the first time), one thread each."""
+    from lminfluence.curvature.checkpoint import KILL_ENV, KILL_RANK_ENV
+
+    if not run.exists():
+        shutil.copytree(fitted, run)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    if kill:
+        env.update({KILL_ENV: kill, KILL_RANK_ENV: str(rank)})
+    return torchrun("score", "-o", str(run), "--queries", str(inputs["queries"]), *SCORE, env=env)
+
+
+@pytest.fixture(scope="module")
+def reference_scores(inputs, fitted, tmp_path_factory):
+    """The tables of an uninterrupted 2-process score and of a 1-process score of the same factors."""
+    tmp = tmp_path_factory.mktemp("reference_scores")
+    done = score_under_torchrun(inputs, fitted, tmp / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(fitted, tmp / "one")
+    assert main(["score", "-o", str(tmp / "one"), "--queries", str(inputs["queries"]), *SCORE, "-q"]) == 0
+    return tables(tmp / "two"), tables(tmp / "one")
+
+
+def chunks_done(stderr: str) -> dict[str, int]:
+    """What the rerun's log says it found finished: stage → number of pieces."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"(scan|re-score|details)[^:\n]*: (\d+) of \d+ chunks already done", stderr)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["chunk:1", "chunk:5"])
+def test_a_rank_killed_during_a_score_stops_all_and_the_rerun_resumes_to_identical_tables(inputs, fitted, reference_scores, tmp_path, kill):
+    """A killed rank stops the score on every rank, and the rerun resumes from both ranks' pieces to the same tables.
+
+    Rank 1 SIGKILLs itself after saving its n-th piece (63 sequences in 8 scan chunks of 8, 4 per rank, then 3
+    re-score pieces): chunk 1 is mid-scan with rank 0 still working, chunk 5 is rank 1's re-score piece, after every
+    scan chunk of both ranks. torchrun stops the other rank and fails naming the killed rank and its signal, within
+    the subprocess timeout (a hang raises TimeoutExpired). The rerun reuses every piece the killed run left, of both
+    ranks (its log counts them), and writes tables equal bit for bit to an uninterrupted 2-process score (one thread
+    each: every piece is the same computation whichever rank makes it) and close to a 1-process score (float32
+    model, other query groups in preconditioning: 1e-5 relative, ids and ranks equal).
+    """
+    run = tmp_path / "run"
+    killed = score_under_torchrun(inputs, fitted, run, kill)
+    assert killed.returncode != 0
+    assert "SIGKILL" in killed.stderr or "Signal 9" in killed.stderr, killed.stderr[-3000:]
+    assert "rank    : 1" in killed.stderr or "rank: 1" in killed.stderr, killed.stderr[-3000:]
+    assert not (run / layout.SCORES_DIR).exists()
+    left = sorted(p.stem for p in (run / layout.STAGING_DIR / "score" / "partial").glob("*.npz"))
+    assert "scan-0000-0000000008" in left  # rank 1's first chunk
+    if kill == "chunk:5":  # the scan ended on both ranks before the re-score began
+        assert {f"scan-0000-{8 * c:010d}" for c in range(8)} | {"rescore-0001"} <= set(left)
+    rerun = score_under_torchrun(inputs, fitted, run)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    expected = {stage: sum(n.startswith(prefix) for n in left) for stage, prefix in (("scan", "scan-"), ("re-score", "rescore-"), ("details", "details-"))}
+    assert chunks_done(rerun.stderr) == {k: v for k, v in expected.items() if v}, rerun.stderr[-3000:]
+    assert not (run / layout.STAGING_DIR).exists() and not (run / layout.LOCK_FILE).read_text()
+    two, one = reference_scores
+    got = tables(run)
+    for name in two:
+        pd.testing.assert_frame_equal(got[name], two[name], check_exact=True, obj=name)
+    assert_close_tables(one, got)

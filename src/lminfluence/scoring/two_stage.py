@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import Execution, ScoreConfig, Serializable, check_positive_int, option
+from ..curvature.checkpoint import test_kill
 from ..curvature.factors import Factors
 from ..errors import ConfigError
 from ..filtering.tfidf import TfidfIndex
@@ -235,6 +236,7 @@ class _Run:
         self.store = store
         self.chunk_size = chunk_size
         self.residuals: dict[int, list[float]] = {}  # query → relative residual per refinement step
+        self.saved = 0  # pieces this process saved (the crash-safety tests' kill point "chunk:n")
 
     def _config(self, rank: int | None) -> ScoreConfig:
         """The caller's settings (damping, algorithm, refinement) at query rank ``rank``, without details."""
@@ -271,9 +273,12 @@ class _Run:
         out = score_preconditioned(self.model, self.factors, pq, subset(self.train, rows), cfg, task=self.task, execution=self.execution)
         return out.total.double().numpy()
 
-    def _missing(self, names: list[str]) -> list[str]:
+    def _missing(self, names: list[str], what: str) -> list[str]:
         """Which pieces no earlier run saved (rank 0 decides, so that every rank agrees)."""
-        return dist.broadcast_object([n for n in names if self.store.get(n) is None] if dist.is_main() else None)
+        missing = dist.broadcast_object([n for n in names if self.store.get(n) is None] if dist.is_main() else None)
+        if len(missing) < len(names):
+            logger.info("%s: %d of %d chunks already done", what, len(names) - len(missing), len(names))
+        return missing
 
     def _compute(self, todo: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
         """Compute this rank's share of ``todo`` (name, thunk), save it, and return every rank's pieces."""
@@ -283,6 +288,8 @@ class _Run:
                 if dist.owner(i) == dist.rank():
                     mine[name] = make()
                     self.store.put(name, mine[name])
+                    self.saved += 1
+                    test_kill("chunk", self.saved)
         out: dict[str, dict[str, np.ndarray]] = {}
         for part in dist.all_gather_objects(mine):
             out.update(part)
@@ -303,9 +310,7 @@ class _Run:
         with progress(sum(len(c) for c in columns) if dist.is_main() else None, "scan (all chunks)", "seq", leave=True) as bar:
             for g, (qs, cols) in enumerate(zip(groups, columns)):
                 chunks = {f"scan-{g:04d}-{c:010d}": cols[c : c + self.chunk_size] for c in range(0, len(cols), self.chunk_size)}
-                missing = self._missing(list(chunks))
-                if len(missing) < len(chunks):
-                    logger.info("scan, query group %d: %d of %d chunks already done", g, len(chunks) - len(missing), len(chunks))
+                missing = self._missing(list(chunks), f"scan, query group {g}")
                 pq = self.precondition(qs, rank, shared=True) if missing else None
 
                 def make(part: np.ndarray, pq: Any = pq) -> Any:
@@ -333,7 +338,7 @@ class _Run:
 
             return run
 
-        pieces = self._pieces(names, [(n, make(groups[names.index(n)])) for n in self._missing(names)])
+        pieces = self._pieces(names, [(n, make(groups[names.index(n)])) for n in self._missing(names, "re-score")])
         for name, qs in zip(names, groups):
             idx, block = pieces[name]["idx"], pieces[name]["scores"]
             for j, q in enumerate(qs):
@@ -358,7 +363,7 @@ class _Run:
 
             return run
 
-        pieces = self._pieces(names, [(n, make(names.index(n))) for n in self._missing(names)])
+        pieces = self._pieces(names, [(n, make(names.index(n))) for n in self._missing(names, "details")])
         shown: list[Shown] = []
         for g, name in enumerate(names):
             arrays = pieces[name]
