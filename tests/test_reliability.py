@@ -270,11 +270,14 @@ def test_progress_is_logged_without_a_terminal(caplog):
 
 
 def test_report_checks_its_inputs_before_writing(inputs, scored, tmp_path, capsys):
-    """A damaged top.parquet, or a fitted run without scores: exit 2 with one line naming it, and no log written."""
+    """A damaged top.parquet or run.json, or a fitted run without scores: exit 2 with one line naming the file, and no log written."""
     run = copy(scored, tmp_path)
     truncate(run / layout.TOP_TABLE)
-    err = refuses(["report", "-o", str(run)], capsys, "damaged", untouched=run)
+    err = refuses(["report", "-o", str(run)], capsys, "top.parquet is damaged", untouched=run)
     assert err.count("\n") == 1
+    run = copy(scored, tmp_path / "json")
+    (run / "run.json").write_text('{"unterminated": [')
+    assert refuses(["report", "-o", str(run)], capsys, "run.json is damaged", untouched=run).count("\n") == 1
     fitted = tmp_path / "fitted"
     assert main(fit_args(inputs, fitted)) == 0
     refuses(["report", "-o", str(fitted)], capsys, "lminfluence score", untouched=fitted)

@@ -133,7 +133,10 @@ def scan_positions(path: Path, wanted: dict[int, set[int]]) -> dict[tuple[int, i
     """
     if not wanted:
         return {}
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise _damaged(path, e) from e
     columns = ["query_index", "seq_index", "score"]
     missing = [c for c in columns if c not in table.schema_arrow.names]
     if missing:
@@ -164,13 +167,23 @@ def _require(run_dir: Path, rel: str, producer: str = PRODUCER) -> Path:
     return path
 
 
+def _damaged(path: Path, error: Exception) -> CorruptFileError:
+    """The error for a run-directory file that cannot be parsed, naming it."""
+    return CorruptFileError(
+        f"{path} is damaged ({type(error).__name__}: {' '.join(str(error).split())[:200]}); run the command that writes it again"
+    )
+
+
 def read_columns(path: Path, columns: tuple[str, ...], filters: Any = None) -> pa.Table:
-    """The ``columns`` of a Parquet table; a missing column is an error that names it."""
-    names = set(pq.read_schema(path).names)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (docs/run-directory.md lists its schema)")
-    return pq.read_table(path, columns=list(columns), filters=filters)
+    """The ``columns`` of a Parquet table; a missing column or a damaged file is an error that names it."""
+    try:
+        names = set(pq.read_schema(path).names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (docs/run-directory.md lists its schema)")
+        return pq.read_table(path, columns=list(columns), filters=filters)
+    except pa.ArrowException as e:
+        raise _damaged(path, e) from e
 
 
 def _keys(query_index: np.ndarray, seq_index: np.ndarray) -> np.ndarray:
@@ -315,8 +328,15 @@ def _load_run(run_dir: str | Path, top: int) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a run directory; `{PRODUCER}` creates one")
-    manifest = json.loads(_require(run_dir, layout.RUN_MANIFEST).read_text())
-    config = yaml.safe_load(_require(run_dir, layout.RUN_CONFIG).read_text()) or {}
+    manifest_path, config_path = _require(run_dir, layout.RUN_MANIFEST), _require(run_dir, layout.RUN_CONFIG)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged(manifest_path, e) from e
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise _damaged(config_path, e) from e
     queries_path = _require(run_dir, layout.QUERIES_TABLE)
     by_query = _cards(_require(run_dir, layout.TOP_TABLE), top)
     shown: dict[tuple[int, int], list[Card]] = {}
