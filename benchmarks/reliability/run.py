@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -77,6 +78,9 @@ def main() -> int:
     parser.add_argument("--big-mb", type=float, default=10.0, help="size of the single-document corpus of case 23 (default 10 MB)")
     parser.add_argument("--keep", action="store_true", help="keep every case's folder (default: only the failing cases')")
     args = parser.parse_args()
+    # A shell that starts this in the background (`cmd &`, nohup) ignores SIGINT, and ignored signals are
+    # inherited: the Ctrl-C cases (141, 142) would then test nothing. A handler here makes children start with SIGINT's default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _in_namespace()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
