@@ -166,7 +166,7 @@ def test_fit_on_cuda_does_not_depend_on_the_number_of_processes():
 
 def _scores(dtype_name: str):
     """Fit EK-FAC and score on a tiny GPT-2 (40 sequences, 6 queries, batch 4): full rank with per-layer and
-    per-token scores, rank 2, and self-influence with per-layer scores."""
+    per-token scores, rank 2, self-influence with per-layer scores, and 3 steps of CG refinement."""
     import torch
 
     import lminfluence as li
@@ -178,7 +178,8 @@ def _scores(dtype_name: str):
     full = li.compute_scores(model, factors, queries, train, li.ScoreConfig(per_layer=True, per_token=True), execution=ex)
     low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=2), execution=ex)
     own = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True), execution=ex)
-    out = {"full": full.total, "low": low.total, "self": own.total, "tokens": full.per_token}
+    cg = li.compute_scores(model, factors, queries, train, li.ScoreConfig(refine="cg", refine_steps=3), execution=ex)
+    out = {"full": full.total, "low": low.total, "self": own.total, "tokens": full.per_token, "cg": cg.total}
     out.update({f"layer {n}": t for n, t in full.per_layer.items()})
     out.update({f"self layer {n}": t for n, t in own.per_layer.items()})
     return {k: v.double().numpy() for k, v in out.items()}
@@ -187,7 +188,8 @@ def _scores(dtype_name: str):
 def test_scores_do_not_depend_on_the_number_of_processes():
     """Queries preconditioned by shares on each rank and broadcast, the training set scored in two contiguous
     halves and gathered: every rank returns the one-process scores (total, rank 2, per layer, per token,
-    self-influence) on a float64 model to 1e-10 relative (only float64 rounding of the factors' sums differs)."""
+    self-influence, CG-refined queries whose products run over the whole training set) on a float64 model to
+    1e-10 relative (only float64 rounding of the factors' sums differs)."""
     import numpy as np
 
     one = _scores("float64")
