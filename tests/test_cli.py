@@ -357,3 +357,33 @@ def test_cli_tables_equal_the_python_two_stage_procedure(run, reference):
         assert rows.seq_index.tolist() == shown.indices.tolist()
         assert rows["rank"].tolist() == shown.ranks.tolist()
         np.testing.assert_allclose(rows.score, shown.total, rtol=RTOL, atol=1e-6 * np.abs(shown.total).max())
+
+
+def test_resume_with_another_query_batch_size(inputs, run, reference, tmp_path, monkeypatch):
+    """A full-rank scan interrupted with queries in groups of 2 and resumed in groups of 3 (an execution setting, so
+    the same scoring) uses none of the old groups' pieces for the new groups, and shows the full-rank best."""
+    import lminfluence.scoring.two_stage as scoring
+
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / layout.SCORES_DIR)
+    (other / layout.RUN_MANIFEST).write_text(json.dumps({k: v for k, v in json.loads((run / layout.RUN_MANIFEST).read_text()).items() if k != "score"}))
+    real = scoring.score_preconditioned
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_preconditioned", flaky)
+    args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "-q", "--candidates", "50", "--top", "5", "--chunk-size", "16"]
+    assert main([*args, "--query-batch-size", "2"]) == 130
+    assert list((other / layout.PARTIAL_DIR).glob("scan-q2-*.npz"))
+    monkeypatch.setattr(scoring, "score_preconditioned", real)
+    assert main([*args, "--query-batch-size", "3"]) == 0
+    top, full = tables(other)["top"], reference["full"]
+    for q in range(full.shape[0]):
+        rows = top[(top.query_index == q) & (top["rank"] > 0)].sort_values("rank")
+        np.testing.assert_allclose(rows.score, full[q, rows.seq_index], rtol=RTOL, atol=1e-6 * np.abs(full[q]).max())

@@ -26,9 +26,10 @@ def test_run_dry_run_plans_scoring_too(inputs, tmp_path, capsys):
     """`run --dry-run` reads the queries (their errors come first) and plans preconditioning and scoring as well."""
     run = tmp_path / "run"
     args = ["run", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--max-length", "32", "-o", str(run)]
-    assert main([*args, "--queries", str(inputs["queries"]), "--dry-run"]) == 0
+    assert main([*args, "--queries", str(inputs["queries"]), "--fit-batch-size", "3", "--score-batch-size", "7", "--query-batch-size", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "precondition" in out and "score" in out
+    assert "fit batch size 3" in out and "scoring batch size 7" in out and "query batch size 2" in out  # each stage with its own settings
     assert not run.exists()
     missing = tmp_path / "nope.jsonl"
     assert main([*args, "--queries", str(missing), "--dry-run"]) == 2
@@ -72,3 +73,11 @@ def test_impossible_budget_is_refused_before_writing(inputs, tmp_path, capsys, d
     assert main([*args, "--memory-gib", "0.001", *(["--dry-run"] if dry else [])]) == 2
     assert "memory_gib" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_execution_flags_keep_the_saved_score_settings(inputs, tmp_path):
+    """`score -o RUN --memory-gib N` (an option of how it runs) repeats the saved scoring, as a bare `score -o RUN` does."""
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(inputs["model"]), "--corpus", str(inputs["corpus"]), "--max-length", "32", "-o", str(run), "-q"]) == 0
+    assert main(["score", "-o", str(run), "--queries", str(inputs["queries"]), "--rank", "4", "--top", "3", "-q"]) == 0
+    assert main(["score", "-o", str(run), "--memory-gib", "8", "--score-batch-size", "5", "-q"]) == 0

@@ -195,9 +195,10 @@ def test_a_rank_killed_during_a_score_stops_all_and_the_rerun_resumes_to_identic
     assert "rank    : 1" in killed.stderr or "rank: 1" in killed.stderr, killed.stderr[-3000:]
     assert not (run / layout.SCORES_DIR).exists()
     left = sorted(p.stem for p in (run / layout.STAGING_DIR / "score" / "partial").glob("*.npz"))
-    assert "scan-0000-0000000008" in left  # rank 1's first chunk
+    q = len(inputs["queries"].read_text().splitlines())  # the rank-4 scan: one group of all the queries
+    assert f"scan-q{q}-0000-0000000008" in left  # rank 1's first chunk
     if kill == "chunk:5":  # the scan ended on both ranks before the re-score began
-        assert {f"scan-0000-{8 * c:010d}" for c in range(8)} | {"rescore-0001"} <= set(left)
+        assert {f"scan-q{q}-0000-{8 * c:010d}" for c in range(8)} | {"rescore-q1-0001"} <= set(left)
     rerun = score_under_torchrun(inputs, fitted, run)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     expected = {stage: sum(n.startswith(prefix) for n in left) for stage, prefix in (("scan", "scan-"), ("re-score", "rescore-"), ("details", "details-"))}

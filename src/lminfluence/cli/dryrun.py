@@ -33,20 +33,18 @@ def dry_run(config: RunConfig, command: str, overwrite: bool) -> str:
         return "\n".join(lines)
     fit = prepare_fit(config, overwrite=overwrite)
     store = fit.store if fit.store is not None else _tokenize(config, fit.tokenizer)[0]
-    queries: Any = None
-    stages: tuple[str, ...] = ("fit",)
-    score_config = None
-    if command == "run":
-        queries = prepare_queries(config, fit.tokenizer, fit.model).examples
-        stages = ("fit", "precondition", "score")
-        score_config = _score_section(config).scoring
-    plan = plan_for_data(
-        fit.model, config.fit.factors, config.fit.execution, store, queries=queries, score_config=score_config, task=task, stages=stages,
-    )
+    queries = prepare_queries(config, fit.tokenizer, fit.model).examples if command == "run" else None  # their errors come first
+    plan = plan_for_data(fit.model, config.fit.factors, config.fit.execution, store, task=task, stages=("fit",))
     lines.append(f"fit: {len(store)} sequences on {len(fit.modules)} tracked layers" + (" (a finished fit would be reused)" if fit.reuse else ""))
     lines.append(plan.report())
-    if command == "run":
-        lines.append("(scoring runs with the score section's execution settings; `lminfluence score --dry-run` plans them once the fit exists)")
+    if command == "run":  # scoring with the score section's own execution settings
+        section = _score_section(config)
+        plan = plan_for_data(
+            fit.model, config.fit.factors, section.execution, store, queries=queries, score_config=section.scoring, task=task,
+            stages=("precondition", "score"),
+        )
+        lines.append(f"score: {len(queries or [])} queries against {len(store)} sequences")
+        lines.append(plan.report())
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from .. import distributed as dist
 from ..errors import InputError, describe, exit_status
 from ..storage import layout
 from ..workflow.config import RunConfig, check_sections, merge, read_yaml
-from ..workflow.rundir import RunDir
+from ..workflow.rundir import EXECUTION_KEYS, RunDir
 from .logging import attach_log, command_logging, silence
 from .options import add_section, given
 
@@ -131,8 +131,8 @@ def _index_section(args: argparse.Namespace, saved: dict[str, Any], from_file: d
     in_file = from_file.get("index")
     if in_file is not None and not isinstance(in_file, dict):
         raise InputError(f"{args.config}: section 'index' must be a mapping of options, got {type(in_file).__name__}")
-    if not in_file and not flags and isinstance(saved.get("index"), dict):
-        return dict(saved["index"])
+    if not in_file and not set(flags) - EXECUTION_KEYS and isinstance(saved.get("index"), dict):
+        return {**saved["index"], **flags}  # execution flags (batch size, memory) change no result: over the saved section
     return {**(in_file or {}), **flags}
 
 
@@ -146,8 +146,8 @@ def _score_section(args: argparse.Namespace, run_dir: str, from_file: dict[str, 
     if in_file is not None and not isinstance(in_file, dict):
         raise InputError(f"{args.config}: section 'score' must be a mapping of options, got {type(in_file).__name__}")
     saved = (RunDir(run_dir).saved_config() or {}).get("score") if command == "score" else None
-    if not in_file and not flags and saved:
-        score = dict(saved)
+    if not in_file and not set(flags) - EXECUTION_KEYS and saved:
+        score = {**saved, **flags}  # execution flags (batch sizes, memory) change no result: over the saved section
     else:
         score = {**(in_file or {}), **flags}
         if not score.get("queries") and saved:

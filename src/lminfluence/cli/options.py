@@ -90,7 +90,7 @@ def add_section(parser: argparse.ArgumentParser, section: str) -> None:
     """Add a section's flags to ``parser`` as one argument group; unset flags stay None."""
     group = parser.add_argument_group(section)
     for fl in section_flags(section):
-        if fl.flag in parser._option_string_actions:  # a shared option, already added by another section
+        if fl.key in SHARED and fl.flag in parser._option_string_actions:  # already added by another section
             continue
         base = _base_type(fl.annotation)
         default = fl.field.default

@@ -191,6 +191,9 @@ def compute_scores(
     task = task or _setup(model, factors, config, task)[2]
     execution, plan = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
     group = plan.query_group if plan is not None and plan.query_group else None
+    # under torch.distributed each rank planned from its own free memory: rank 0's sizes for all, so that
+    # every rank runs the same query groups and collectives
+    execution, group = dist.broadcast_object((execution, group))
     if group is None or group >= len(queries):  # type: ignore[arg-type]
         pq = _precondition_shared(model, factors, queries, config, task=task, execution=execution, curvature_data=data, meta=meta)
         scores = _score_shared(model, factors, pq, train, config, task=task, execution=execution)
@@ -343,6 +346,7 @@ def compute_self_scores(
     train = _local_train(as_reiterable(train, "train"))
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+        execution = dist.broadcast_object(execution)  # rank 0's plan for every rank (FSDP needs equal batches)
     if dist.sharded_model(model):
         dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")  # type: ignore[arg-type]
     curvature = factors.curvature

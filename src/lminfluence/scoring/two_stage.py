@@ -222,6 +222,11 @@ def _share(local: dict[str, LayerQueries] | None, positions: list[int], layers: 
     return {n: LayerQueries.concat(ps).select(back) for n, ps in pieces.items()}
 
 
+def _tag(groups: list[np.ndarray]) -> str:
+    """The query grouping in a piece's name: a rerun with another query batch size must not read pieces of other groups."""
+    return f"q{len(groups[0]) if groups else 0}"
+
+
 class _Run:
     """One two-stage computation: the shared arguments of its steps.
 
@@ -309,7 +314,7 @@ class _Run:
         columns = [np.flatnonzero(mask[qs].any(axis=0)) for qs in groups]
         with progress(sum(len(c) for c in columns) if dist.is_main() else None, "scan (all chunks)", "seq", leave=True) as bar:
             for g, (qs, cols) in enumerate(zip(groups, columns)):
-                chunks = {f"scan-{g:04d}-{c:010d}": cols[c : c + self.chunk_size] for c in range(0, len(cols), self.chunk_size)}
+                chunks = {f"scan-{_tag(groups)}-{g:04d}-{c:010d}": cols[c : c + self.chunk_size] for c in range(0, len(cols), self.chunk_size)}
                 missing = self._missing(list(chunks), f"scan, query group {g}")
                 pq = self.precondition(qs, rank, shared=True) if missing else None
 
@@ -329,7 +334,7 @@ class _Run:
         m = self.stages.rescore_top
         assert m is not None  # rescore() runs only with rescore_top
         groups = _groups(len(self.queries), self.execution.query_batch_size)
-        names = [f"rescore-{g:04d}" for g in range(len(groups))]
+        names = [f"rescore-{_tag(groups)}-{g:04d}" for g in range(len(groups))]
 
         def make(qs: np.ndarray) -> Any:
             def run() -> dict[str, np.ndarray]:
@@ -352,7 +357,7 @@ class _Run:
         """Each query's shown sequences with per-layer and per-token scores, one batched pass per query group."""
         top = self.stages.top
         groups = _groups(len(self.queries), self.execution.query_batch_size)
-        names = [f"details-{g:04d}" for g in range(len(groups))]
+        names = [f"details-{_tag(groups)}-{g:04d}" for g in range(len(groups))]
         picks = [[ends(choice[q], top) for q in qs] for qs in groups]
 
         def make(g: int) -> Any:
@@ -489,6 +494,9 @@ def two_stage_scores(
     task = task or CausalLMTask()
     if execution.batch_size is None or execution.query_batch_size is None:  # sizes left automatic: from the memory plan
         execution, _ = _sizes(model, factors, config, execution, task, train=train, queries=queries, stages=("precondition", "score"))
+        # each rank planned from its own free memory: rank 0's sizes for all, so that every rank forms the same
+        # query groups, pieces and collectives
+        execution = dist.broadcast_object(execution)
     run = _Run(model, factors, queries, train, config, stages, task, execution, store or MemoryStore(), chunk_size)
     union, tfidf, mask = select_candidates(index, train, queries, stages.candidates)
     first = run.scan(union, mask)

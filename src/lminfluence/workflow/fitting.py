@@ -109,7 +109,10 @@ def _planned_execution(config: RunConfig, model: nn.Module, store: SequenceStore
         return execution
     from ..memory import plan_for_data
 
-    return plan_for_data(model, config.fit.factors, execution, store, task=CausalLMTask(), stages=("fit",)).execution(execution, stage="fit")
+    share = dist.Slice(store, *dist.span(len(store))) if dist.active() else store  # under torchrun: this rank's sequences
+    plan = plan_for_data(model, config.fit.factors, execution, share, task=CausalLMTask(), stages=("fit",))
+    logger.info("fit plan:\n%s", plan.report())
+    return plan.execution(execution, stage="fit")
 
 
 def _staged_corpus(rd: RunDir, key: str) -> bool:

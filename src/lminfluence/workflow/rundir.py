@@ -63,6 +63,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# options of how a stage runs, which change none of its results (Execution's fields, the scan's chunk size)
+EXECUTION_KEYS = frozenset({"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors"})
+
+
 class RunDir:
     """A run directory: what it holds (config, manifest, stages), its lock, and the staging of a stage's outputs."""
 
@@ -114,7 +118,7 @@ class RunDir:
         """How ``config`` differs from the finished run of ``stage`` (execution settings aside: they change no result)."""
         saved = self.saved_config() or {}
         new = config.to_dict()
-        ignore = {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors"}
+        ignore = EXECUTION_KEYS
         return [
             f"{section}.{key}: {(saved.get(section) or {}).get(key)!r} → {value!r}"
             for section in STAGES[stage].sections
