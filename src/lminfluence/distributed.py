@@ -88,12 +88,14 @@ def init(device: str | torch.device | None = None) -> bool:
 _owned = False  # True when ``init`` created the process group (then ``shutdown`` destroys it)
 
 
-def shutdown() -> None:
-    """Leave the process group ``init`` joined (a process that exits with gloo's threads alive aborts)."""
+def shutdown() -> bool:
+    """Leave the process group ``init`` joined (a process that exits with gloo's threads alive aborts); True when it did."""
     global _owned
-    if _owned and dist.is_initialized():
+    left = _owned and dist.is_initialized()
+    if left:
         dist.destroy_process_group()
     _owned = False
+    return left
 
 
 def shard(items: Sequence[T]) -> list[T]:

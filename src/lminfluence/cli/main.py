@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,22 +289,30 @@ def _compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The console script: run a command and map what it raises to an exit status with one line on stderr."""
     args = build_parser().parse_args(argv)
+    left = False
     with command_logging(args.quiet):
         try:
-            done = run_command(args)
+            status = run_command(args)
             dist.barrier()  # every rank finished: leave together
-            return done
         except BaseException as e:  # noqa: BLE001 - mapped to an exit status, or re-raised
-            status = exit_status(e)
-            if status is None or isinstance(e, SystemExit):
+            code = exit_status(e)
+            if code is None or isinstance(e, SystemExit):
                 raise
+            status = code
             if status == 130:
                 print(f"lminfluence {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
             else:
                 print(f"lminfluence {args.command}: error: {describe(e)}", file=sys.stderr)
-            return status
         finally:
-            dist.shutdown()
+            left = dist.shutdown()
+    if left:  # under torchrun: every output is written and the group is left
+        # gloo's transport threads can outlive the group and abort the interpreter's own exit (SIGABRT, "terminate
+        # called without an active exception", in about one run in ten), which torchrun reports as a failed run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
