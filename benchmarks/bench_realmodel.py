@@ -306,21 +306,10 @@ def spawn(args, stage: str, tag: str = "") -> dict:
     return json.loads((args.workdir / f"stage-{name}.json").read_text())
 
 
-def spearman(x, y) -> float:
-    import torch
-
-    def ranks(t):
-        r = torch.empty_like(t, dtype=torch.float64)
-        r[t.argsort()] = torch.arange(t.numel(), dtype=torch.float64)
-        return r
-
-    rx, ry = ranks(x.flatten().double()), ranks(y.flatten().double())
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
-
-
 def report(args, results: dict) -> dict:
     import torch
+
+    from bench_core import spearman  # the small benchmark's rank correlation (this folder is on sys.path)
 
     base = min(results[k]["seconds"] for k in results if k.startswith("baseline"))
     n, t = args.num_train, args.seq_len

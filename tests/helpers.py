@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lminfluence.task.base import Task
+from lminfluence.task.causal_lm import CausalLMTask
 
 # ---------------------------------------------------------------- tiny models
 
@@ -222,3 +223,16 @@ def allclose_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, a
             f"  [{int(i)}] actual={actual.flatten()[i]:.6g} expected={expected.flatten()[i]:.6g}" for i in worst
         ]
         raise AssertionError(f"{what}: {int((err > 0).sum())} entries out of tolerance; worst:\n" + "\n".join(rows))
+
+
+class CrashingTask(CausalLMTask):
+    """The causal-LM task, raising in its ``crash_at``-th forward (class attributes: not part of the task's identity)."""
+
+    crash_at: int | None = None
+    calls = 0
+
+    def forward(self, model, batch):
+        type(self).calls += 1
+        if type(self).calls == type(self).crash_at:
+            raise RuntimeError("simulated crash")
+        return super().forward(model, batch)

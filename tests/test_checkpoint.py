@@ -26,9 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 import lminfluence as li
-from helpers import random_sequences, tiny_llama
+from helpers import CrashingTask, random_sequences, tiny_llama
 from lminfluence.curvature.checkpoint import CHECKPOINT_DIR, KILL_ENV
-from lminfluence.task.causal_lm import CausalLMTask
 
 TESTS = Path(__file__).resolve().parent
 
@@ -109,19 +108,6 @@ def test_killed_fit_resumes_to_identical_factors_at_more_points(tmp_path, refere
     factors, resumed = killed_then_resumed(tmp_path, kills)
     assert resumed == (kills != ["checkpoint:1"])
     assert_identical(factors, reference)
-
-
-class CrashingTask(CausalLMTask):
-    """The causal-LM task, raising in its ``crash_at``-th forward (a class attribute: not part of the task's identity)."""
-
-    crash_at: int | None = None
-    calls = 0
-
-    def forward(self, model, batch):
-        type(self).calls += 1
-        if type(self).calls == type(self).crash_at:
-            raise RuntimeError("simulated crash")
-        return super().forward(model, batch)
 
 
 def crash_then_fit(model, train, out, crash_at, config=li.FactorConfig()):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -172,8 +173,11 @@ def test_rerun_reuses_and_replay_reproduces(inputs, run, tmp_path):
     assert (replay / layout.REPORT_FILE).is_file()
 
 
-def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
-    """A scan killed half-way resumes from its saved chunks and gives the uninterrupted result."""
+def unscored_copy_interrupted(run: Path, tmp_path: Path, monkeypatch) -> tuple[Path, list, Any]:
+    """A copy of ``run`` without its scores, whose next scoring is interrupted (Ctrl-C) at its 3rd scoring pass.
+
+    Returns the copy, the list of passes made (one item each) and the real ``score_preconditioned``.
+    """
     import lminfluence.scoring.two_stage as scoring
 
     other = tmp_path / "run"
@@ -181,7 +185,7 @@ def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
     shutil.rmtree(other / layout.SCORES_DIR)
     (other / layout.RUN_MANIFEST).write_text(json.dumps({k: v for k, v in json.loads((run / layout.RUN_MANIFEST).read_text()).items() if k != "score"}))
     real = scoring.score_preconditioned
-    calls = []
+    calls: list = []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -190,6 +194,14 @@ def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scoring, "score_preconditioned", flaky)
+    return other, calls, real
+
+
+def test_resume_after_interruption(inputs, run, tmp_path, monkeypatch):
+    """A scan killed half-way resumes from its saved chunks and gives the uninterrupted result."""
+    import lminfluence.scoring.two_stage as scoring
+
+    other, calls, real = unscored_copy_interrupted(run, tmp_path, monkeypatch)
     args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "-q", *SCORE_ARGS]
     assert main(args) == 130
     assert not (other / layout.QUERIES_TABLE).exists()
@@ -364,20 +376,7 @@ def test_resume_with_another_query_batch_size(inputs, run, reference, tmp_path, 
     the same scoring) uses none of the old groups' pieces for the new groups, and shows the full-rank best."""
     import lminfluence.scoring.two_stage as scoring
 
-    other = tmp_path / "run"
-    shutil.copytree(run, other)
-    shutil.rmtree(other / layout.SCORES_DIR)
-    (other / layout.RUN_MANIFEST).write_text(json.dumps({k: v for k, v in json.loads((run / layout.RUN_MANIFEST).read_text()).items() if k != "score"}))
-    real = scoring.score_preconditioned
-    calls = []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "score_preconditioned", flaky)
+    other, calls, real = unscored_copy_interrupted(run, tmp_path, monkeypatch)
     args = ["score", "-o", str(other), "--queries", str(inputs["queries"]), "-q", "--candidates", "50", "--top", "5", "--chunk-size", "16"]
     assert main([*args, "--query-batch-size", "2"]) == 130
     assert list((other / layout.PARTIAL_DIR).glob("scan-q2-*.npz"))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import lminfluence as li
-from helpers import allclose_report, random_sequences, tiny_gpt2, tiny_llama
+from helpers import CrashingTask, allclose_report, random_sequences, tiny_gpt2, tiny_llama
 from lminfluence.curvature.checkpoint import CHECKPOINT_DIR
 from lminfluence.errors import ConfigError
 from lminfluence.hooks.modules import resolve_modules
@@ -173,19 +173,6 @@ def test_draws_do_not_depend_on_the_batch_size():
             for key in ("e_a", "e_s", "lambda"):
                 allclose_report(fit.curvature.state[n][key], fits[0].curvature.state[n][key], RTOL, ATOL, f"{n}: {key}")
     assert fits[1].meta["second_pass_replayed"] and not fits[0].meta["second_pass_replayed"]
-
-
-class CrashingTask(CausalLMTask):
-    """Raises in its ``crash_at``-th forward (class attributes: not part of the task's identity)."""
-
-    crash_at: int | None = None
-    calls = 0
-
-    def forward(self, model, batch):
-        type(self).calls += 1
-        if type(self).calls == type(self).crash_at:
-            raise RuntimeError("simulated crash")
-        return super().forward(model, batch)
 
 
 @pytest.mark.parametrize("crash_at", [3, 6])
