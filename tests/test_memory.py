@@ -69,7 +69,7 @@ def test_automatic_sizes_fit_the_budget_and_explicit_ones_are_kept(monkeypatch):
     roomy = memory.plan(model, li.FactorConfig(), li.Execution(cache_gib=0), **kw)
     assert roomy.fit_batch_size == roomy.score_batch_size == memory.TOKENS_PER_BATCH["cpu"] // 128  # capped by tokens, not memory
     low = memory.plan(model, li.FactorConfig(), li.Execution(cache_gib=0), score_config=li.ScoreConfig(query_rank=4), **kw)
-    assert low.score_batch_size == memory.LOW_RANK_TOKENS_PER_BATCH["cpu"] // 128
+    assert low.score_batch_size == roomy.score_batch_size  # rank-R scoring runs batches as large as full rank's
 
     def fit_peak(batch: int) -> int:
         return memory.plan(model, li.FactorConfig(), li.Execution(batch_size=batch, cache_gib=0), stages=("fit",), **kw).stages["fit"].peak
@@ -86,6 +86,36 @@ def test_automatic_sizes_fit_the_budget_and_explicit_ones_are_kept(monkeypatch):
     text = roomy.report()
     assert all(word in text for word in ("fit", "precondition queries", "score", "batch size"))
     assert roomy.execution(li.Execution(query_batch_size=5)).query_batch_size == 5
+
+
+def test_what_only_buys_speed_takes_a_share_of_the_automatic_budget(monkeypatch):
+    """With the budget left automatic, a batch's activations take at most BATCH_SHARE of it and
+    EK-FAC's capture cache is kept only within CACHE_SHARE. Both only buy speed; spending the
+    whole free RAM on them made a real model's fit peak at 18 GB where 4 GB did the same work.
+    The budget is pinned (what the process holds, 64 MiB, plus a chosen free RAM), so the
+    expected sizes are exact: 3.5 sequences' activations in the batch's share give batches of 3,
+    training and query ones (the token cap alone gives 8), and a budget 10 % short of four times the cache drops it.
+    """
+    import sys
+
+    planning = sys.modules["lminfluence.memory.plan"]
+    held = 64 * 2**20
+    monkeypatch.setattr(planning, "process_bytes", lambda device: held)
+    model = tiny_llama(dtype=torch.float32, **SIZES[1])
+    kw = dict(num_sequences=64, seq_len=128, num_queries=8, query_len=128)  # queries as long as the sequences: query batches of 3 too
+
+    def planned(budget: float) -> memory.Plan:
+        monkeypatch.setattr(planning, "available_bytes", lambda device: (budget - held) / planning.AVAILABLE_SHARE)
+        return memory.plan(model, li.FactorConfig(), li.Execution(), **kw)
+
+    act = planned(2**34).sizes["activations_per_sequence"]
+    assert planned(2**34).fit_batch_size == memory.TOKENS_PER_BATCH["cpu"] // 128 == 8
+    three = planned(3.5 * act / memory.BATCH_SHARE)
+    assert three.fits and three.fit_batch_size == three.score_batch_size == three.query_batch_size == 3
+    cache = 64 * three.sizes["captures_per_sequence"]
+    without = planned(0.9 * cache / memory.CACHE_SHARE)
+    assert without.fits and without.cache_bytes == 0 and without.stages["fit"].peak + cache <= without.budget  # it would fit
+    assert planned(1.1 * cache / memory.CACHE_SHARE).cache_bytes == cache
 
 
 def test_fit_and_scores_at_automatic_sizes_equal_explicit_ones():

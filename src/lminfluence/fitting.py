@@ -221,7 +221,7 @@ def fit_factors(
 
 def _batch_and_cache(model: nn.Module, config: FactorConfig, execution: Execution, local: Any, task: Task, resumed_batch: int) -> tuple[int, float | None]:
     """The fit's batch size (given, resumed with, or from the memory plan) and the capture cache's GiB."""
-    from .memory import headroom, plan_for_data
+    from .memory import CACHE_SHARE, headroom, memory_budget, plan_for_data
 
     batch_size = execution.batch_size or resumed_batch
     cache_gib = execution.cache_gib
@@ -230,8 +230,9 @@ def _batch_and_cache(model: nn.Module, config: FactorConfig, execution: Executio
         batch_size = sizes.fit_batch_size
         cache_gib = cache_gib if cache_gib is not None else sizes.cache_bytes / 2**30
         logger.info("fit plan:\n%s", sizes.report())
-    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves
-        cache_gib = headroom(model_device(model), execution) / 2 / 2**30
+    elif cache_gib is None:  # sizes given: the cache may use half of what the budget leaves, and a share of the budget at most
+        device = model_device(model)
+        cache_gib = min(headroom(device, execution) / 2, CACHE_SHARE * memory_budget(device, execution)[0]) / 2**30
     return batch_size, cache_gib
 
 

@@ -16,7 +16,10 @@
 
 Batch sizes left at None in ``Execution`` are the largest whose peak fits the
 budget, up to a number of tokens per batch beyond which batches are no faster
-per token (``TOKENS_PER_BATCH``). The budget is ``Execution.memory_gib`` or
+per token (``TOKENS_PER_BATCH``) and to activations of at most ``BATCH_SHARE``
+of the budget (larger batches buy no speed and would crowd out the query
+gradients). EK-FAC's capture cache, a speed-up only, is kept when it takes at
+most ``CACHE_SHARE`` of the budget. The budget is ``Execution.memory_gib`` or
 what the device has: free CUDA memory, or the machine's available RAM, plus
 what the process already holds. Times are rough estimates from the probe's
 time and measured matrix-product and eigendecomposition speeds.
@@ -30,7 +33,8 @@ Usage::
 
 from .measure import Probe, TensorMemoryTracker, available_bytes, probe, process_bytes, synthetic_example
 from .plan import (
-    LOW_RANK_TOKENS_PER_BATCH,
+    BATCH_SHARE,
+    CACHE_SHARE,
     TOKENS_PER_BATCH,
     Plan,
     Stage,
@@ -54,5 +58,6 @@ __all__ = [
     "available_bytes",
     "synthetic_example",
     "TOKENS_PER_BATCH",
-    "LOW_RANK_TOKENS_PER_BATCH",
+    "BATCH_SHARE",
+    "CACHE_SHARE",
 ]

@@ -22,10 +22,16 @@ AVAILABLE_SHARE = 0.9  # of the memory the system reports available, when the bu
 MAX_QUERY_BATCH = 64
 # Tokens per batch beyond which a batch is no faster per token, only larger. On CPUs a plain
 # training pass ran fastest at about 1,000 tokens per batch (bench_core: up to 2x slower at
-# 4,000); rank-R scoring has no large per-batch reads to amortise (full-rank scoring reads every
-# dense query gradient once per batch, fitting adds every covariance sum once per batch), so half that.
+# 4,000). Every stage uses the same size: rank-R scoring must not run smaller, slower batches
+# than full rank.
 TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 16384}
-LOW_RANK_TOKENS_PER_BATCH = {"cpu": 512, "cuda": 16384}
+# Shares of the budget that automatic sizes may spend on what only buys speed. A batch's
+# activations (of training sequences or of queries): past a few hundred tokens of a real model a batch is no faster per token
+# (SmolLM2-135M on CPU: 20.9, 21.8, 23.5 ms per token at 1, 2, 4 sequences of 256 tokens), so
+# a batch need not crowd out the query gradients and factors. EK-FAC's capture cache (it saves
+# recomputing the first pass in the second, about a third of the fit): only when it is small.
+BATCH_SHARE = 1 / 16
+CACHE_SHARE = 1 / 4
 HELD = "held now (model, runtime, loaded data)"
 
 
@@ -351,7 +357,9 @@ def plan(
     budget, source = memory_budget(device, execution, w.held)
 
     def cap(table: dict[str, int]) -> int:
-        return max(1, min(num_sequences, table.get(device.type, 1024) // max(seq_len, 1)))
+        by_tokens = table.get(device.type, 1024) // max(seq_len, 1)
+        by_memory = int(BATCH_SHARE * budget) // max(w.act, 1)
+        return max(1, min(num_sequences, by_tokens, by_memory))
 
     def largest(limit: int, fits) -> int:
         """The largest batch size up to ``limit`` that fits (or the one given)."""
@@ -367,17 +375,17 @@ def plan(
             f"the preconditioned gradients of all {num_queries} queries do not fit: they are scored in groups of {group} "
             f"(one pass over the data per group); a query rank (e.g. 32) keeps them small"
         )
-    qcands = [execution.query_batch_size] if execution.query_batch_size else list(range(min(max(num_queries, 1), MAX_QUERY_BATCH), 0, -1))
+    qcap = max(1, min(max(num_queries, 1), MAX_QUERY_BATCH, int(BATCH_SHARE * budget) // max(w.act_query, 1)))
+    qcands = [execution.query_batch_size] if execution.query_batch_size else list(range(qcap, 0, -1))
     qbatch = next((q for q in qcands if "precondition" not in stages or _precondition_stage(w, q, max(group, 1)).peak <= budget), qcands[-1])
     fit_batch = largest(cap(TOKENS_PER_BATCH), lambda b: "fit" not in stages or _fit_stage(w, b, 0).peak <= budget)
-    score_cap = cap(LOW_RANK_TOKENS_PER_BATCH if w.rank is not None else TOKENS_PER_BATCH)
-    score_batch = largest(score_cap, lambda b: "score" not in stages or _score_stage(w, b, group, preconditioned).peak <= budget)
+    score_batch = largest(cap(TOKENS_PER_BATCH), lambda b: "score" not in stages or _score_stage(w, b, group, preconditioned).peak <= budget)
     cache = 0
     if strategy == "ekfac" and "fit" in stages:
         want = num_sequences * w.sizes["captures_per_sequence"]
         if execution.cache_gib is not None:
             cache = want if want <= execution.cache_gib * GiB else 0
-        elif _fit_stage(w, fit_batch, want).peak <= budget:
+        elif want <= CACHE_SHARE * budget and _fit_stage(w, fit_batch, want).peak <= budget:
             cache = want
 
     planned = {}
@@ -438,4 +446,4 @@ def plan_for_data(
     )
 
 
-__all__ = ["plan", "plan_for_data", "Plan", "Stage", "memory_budget", "headroom", "TOKENS_PER_BATCH", "LOW_RANK_TOKENS_PER_BATCH"]
+__all__ = ["plan", "plan_for_data", "Plan", "Stage", "memory_budget", "headroom", "TOKENS_PER_BATCH", "BATCH_SHARE", "CACHE_SHARE"]

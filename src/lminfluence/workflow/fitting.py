@@ -124,10 +124,14 @@ def _staged_corpus(rd: RunDir, key: str) -> bool:
         return False
 
 
-def load_run_factors(rd: RunDir, model: nn.Module) -> Factors:
-    """The run's factors, verified against the model (StaleError when the model changed since the fit)."""
+def load_run_factors(rd: RunDir, model: nn.Module, *, lazy: bool = False) -> Factors:
+    """The run's factors, verified against the model (StaleError when the model changed since the fit).
+
+    ``lazy``: leave them in the file and read a layer's when it is used (scoring uses each once
+    per query group; indexing uses them every batch, so it loads them).
+    """
     try:
-        return load_factors(rd / layout.FACTORS_DIR, model)
+        return load_factors(rd / layout.FACTORS_DIR, model, lazy=lazy)
     except StaleError as e:
         raise StaleError(f"{e} (the model changed since `lminfluence fit`: fit again with --overwrite)") from e
 

@@ -201,7 +201,7 @@ def prepare_score(
     model = model if model is not None else load_model(config.model)
     queries = queries or prepare_queries(config, tokenizer, model)
     store = SequenceStore.load(rd.path)
-    factors = load_run_factors(rd, model)
+    factors = load_run_factors(rd, model, lazy=True)  # only the queries' preconditioning reads them: no copy held during the scan
     _check_against_fit(rd, tokenizer, store, factors)
     s = config.score
     assert s is not None
