@@ -1,0 +1,105 @@
+"""Layer-owned factors (``Execution(factor_placement="by_layer")``) on 2 CPU processes (gloo) with an FSDP-sharded model.
+
+Each tracked layer's factors live on one rank, which receives every rank's captures of that layer;
+the factors, their files and the scores must be those of one process holding everything.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_helpers import run_ranks
+
+
+def _shard_llama(model) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _fit(strategy: str, owned: bool, out_dir: str | None = None):
+    """A tiny float64 Llama (gated MLP: gate and up share ā) on 24 sequences in batches of 4, FSDP-sharded under
+    torch.distributed; every tensor this rank holds, the owners, bytes, and P = (G+λI)⁻¹V of a fixed V per layer."""
+    import torch
+
+    import lminfluence as li
+    from helpers import random_sequences, tiny_llama
+    from lminfluence import distributed as d
+
+    model, train = tiny_llama(layers=2), random_sequences(24)
+    if d.active():
+        _shard_llama(model)
+    ex = li.Execution(batch_size=4, factor_placement="by_layer" if owned else "replicated")
+    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=ex, output_dir=out_dir)
+    g = torch.Generator().manual_seed(0)
+    applied, means = {}, {}
+    for name, info in factors.layers.items():
+        v = torch.randn(3, info.out_features, info.in_features + int(info.bias), generator=g, dtype=torch.float64)
+        means[name] = factors.curvature.mean_eigenvalue(name)
+        if name in factors.curvature.state:
+            applied[name] = factors.curvature.precondition(name, v, 0.1 * means[name])
+    return {
+        "state": dict(factors.curvature.state_dict()),
+        "held": sorted(factors.curvature.state),
+        "owners": factors.curvature.owners,
+        "nbytes": factors.nbytes,
+        "counts": (factors.num_tokens, factors.num_sequences),
+        "applied": applied,
+        "means": means,
+    }
+
+
+def _close(a, b, rtol, what):
+    import torch
+
+    torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * a.abs().max(), msg=what)
+
+
+def _same_tensors(one: dict, got: dict, rtol: float = 1e-10) -> None:
+    """``got``'s tensors within ``rtol`` of ``one``'s: eigenvectors up to each column's sign (eigh's free choice)."""
+    import torch
+
+    for key, b in got.items():
+        a = one[key]
+        if "::q_" in key:
+            b = b * torch.sign((a * b).sum(0))
+        _close(a, b, rtol, key)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", pytest.param("kfac", marks=pytest.mark.slow), pytest.param("diagonal", marks=pytest.mark.slow)])
+def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy, tmp_path):
+    """Two ranks of an FSDP-sharded float64 Llama, each layer's captures gathered to its owner: the tensors each
+    rank holds equal the one-process fit's to 1e-10 relative (only the order of float64 additions differs,
+    ~1e-16), and so does the preconditioner applied to V; the two ranks hold disjoint sets of layers that
+    together are all of them, a gate and up projection (one shared A) on the same rank, each rank's bytes
+    the sum over its layers. The factors rank 0 saves load in one process as the one-process fit's."""
+    import torch
+
+    import lminfluence as li
+
+    one = _fit(strategy, False)
+    results = run_ranks(_fit, strategy, True, str(tmp_path / "f"))
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    held = [set(r["held"]) for _, r in results]
+    assert not held[0] & held[1] and held[0] | held[1] == set(one["held"]), held
+    assert held[0] and held[1], "both ranks own layers"
+    owners = results[0][1]["owners"]
+    assert owners == results[1][1]["owners"] and {n for n, r in owners.items() if r == 1} == held[1]
+    for block in range(2):
+        assert owners[f"model.layers.{block}.mlp.gate_proj"] == owners[f"model.layers.{block}.mlp.up_proj"]
+    assert sum(r["nbytes"] for _, r in results) == one["nbytes"]  # a shared A is held once, by its owner
+    for _, got in results:
+        assert got["counts"] == one["counts"]
+        assert {k.partition("::")[0] for k in got["state"]} == set(got["held"])
+        _same_tensors(one["state"], got["state"])
+        _same_tensors(one["applied"], got["applied"])
+        for name, m in one["means"].items():
+            assert got["means"][name] == pytest.approx(m, rel=1e-10)
+    loaded = li.load_factors(tmp_path / "f")
+    flat = {k: v for k, v in loaded.curvature.state_dict().items()}
+    assert set(flat) == set(one["state"])
+    _same_tensors(one["state"], flat)
+    assert loaded.nbytes == one["nbytes"] and loaded.num_sequences == one["counts"][1]
+    assert torch.equal(flat[next(iter(results[0][1]["state"]))], results[0][1]["state"][next(iter(results[0][1]["state"]))])
