@@ -103,3 +103,70 @@ def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy
     _same_tensors(one["state"], flat)
     assert loaded.nbytes == one["nbytes"] and loaded.num_sequences == one["counts"][1]
     assert torch.equal(flat[next(iter(results[0][1]["state"]))], results[0][1]["state"][next(iter(results[0][1]["state"]))])
+
+
+def _scores(owned: bool):
+    """Scores of 5 queries against 24 sequences (batches of 4, queries 2 at a time) with EK-FAC factors of the tiny
+    float64 Llama: full rank with per-layer and per-token scores, rank 2, self-influence per layer; with ``owned``
+    (2 ranks, FSDP-sharded) also the errors of what layer-owned factors refuse."""
+    import lminfluence as li
+    from helpers import random_queries, random_sequences, tiny_llama
+    from lminfluence import distributed as d
+    from lminfluence.errors import LminfluenceError
+    from lminfluence.scoring.two_stage import TwoStageConfig, two_stage_scores
+
+    model, train, queries = tiny_llama(layers=2), random_sequences(24), random_queries(5)
+    if d.active():
+        _shard_llama(model)
+    ex = li.Execution(batch_size=4, query_batch_size=2, factor_placement="by_layer" if owned else "replicated")
+    factors = li.fit_factors(model, train, execution=ex)
+    full = li.compute_scores(model, factors, queries, train, li.ScoreConfig(per_layer=True, per_token=True), execution=ex)
+    low = li.compute_scores(model, factors, queries, train, li.ScoreConfig(query_rank=2, per_layer=True), execution=ex)
+    own = li.compute_self_scores(model, factors, train, li.ScoreConfig(per_layer=True), execution=ex)
+    out = {"full": full.total, "low": low.total, "self": own.total, "tokens": full.per_token}
+    for prefix, scores in (("layer", full), ("low layer", low), ("self layer", own)):
+        out.update({f"{prefix} {n}": t for n, t in scores.per_layer.items()})
+    out = {k: v.double().numpy() for k, v in out.items()}
+    if owned:
+        pq = li.scoring.precondition_queries(model, factors, queries, execution=ex)
+        out["preconditioned"] = (sorted(pq), sorted(factors.curvature.state))
+        refused = {}
+        for what, call in (
+            ("cg", lambda: li.compute_scores(model, factors, queries, train, li.ScoreConfig(refine="cg", refine_steps=2), execution=ex)),
+            ("two_stage", lambda: two_stage_scores(model, factors, queries, train, li.ScoreConfig(query_rank=2), TwoStageConfig(), execution=ex)),
+        ):
+            try:
+                call()
+                refused[what] = None
+            except LminfluenceError as e:
+                refused[what] = str(e)
+        out["refused"] = refused
+    return out
+
+
+def factors_layers(scores: dict) -> set[str]:
+    """The tracked layers named by the per-layer keys of ``_scores``'s result."""
+    return {k.removeprefix("layer ") for k in scores if k.startswith("layer ")}
+
+
+def test_by_layer_scores_equal_one_process():
+    """Layer-owned EK-FAC factors of an FSDP-sharded float64 Llama on 2 ranks: each owner scores every rank's
+    sequences for its layers and the layers' scores are summed over ranks, so both ranks return the one-process
+    total, rank-2, per-layer, per-token and self-influence scores to 1e-10 relative (only the order of float64
+    additions differs); each rank preconditions the queries for its own layers only; the refinement by CG and the
+    two-stage procedure are refused with an error naming the placement."""
+    import numpy as np
+
+    one = _scores(False)
+    results = run_ranks(_scores, True)
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    for _, got in results:
+        refused = got.pop("refused")
+        preconditioned, held = got.pop("preconditioned")
+        assert preconditioned == held and 0 < len(held) < len(factors_layers(one)), (preconditioned, held)
+        for what, message in refused.items():
+            assert message is not None and "factor_placement='by_layer'" in message, (what, message)
+        assert set(got) == set(one)
+        for key, a in one.items():
+            assert got[key].shape == a.shape, key
+            np.testing.assert_allclose(got[key], a, rtol=1e-10, atol=1e-10 * np.abs(a).max(), err_msg=key)

@@ -24,7 +24,8 @@ rank only), so every rank returns the tables of one process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,39 @@ class Columns:
         return out
 
 
+class OwnedScores:
+    """Scores from layer-owned factors: each batch's results over every rank's sequences, put in order and summed over ranks.
+
+    ``dim`` is the sequences' axis: 1 for pairwise scores [Q, B] (``queries``: this rank's
+    preconditioned queries, to learn Q even on a rank that holds no layer), 0 for self-influence [B].
+    """
+
+    def __init__(self, layers: Iterable[str], per_layer: bool, per_token: bool, queries: Mapping[str, Any] | None, dim: int) -> None:
+        self.total = Columns(dim)
+        self.layers = {n: Columns(dim) for n in layers} if per_layer else None
+        self.tokens = Columns(dim) if per_token else None
+        local = next((lq.num_queries for lq in queries.values()), 0) if queries is not None else 0
+        self.shape: tuple[int, ...] = (max(dist.all_gather_objects(local)),) if queries is not None else ()
+        self.dtype = torch.float64
+
+    def add(self, total: torch.Tensor | None, layers: dict[str, torch.Tensor], tokens: torch.Tensor | None, sizes: list, dtype: torch.dtype) -> None:
+        """One batch: this rank's layers' sum, each of its layers' scores, their per-token sum (None where it holds none)."""
+        self.dtype = dtype
+        self.total.add(total, sizes)
+        for name, c in (self.layers or {}).items():
+            c.add(layers.get(name), sizes)
+        if self.tokens is not None:
+            self.tokens.add(tokens, sizes)
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """(total, per layer, per token) over the whole training set, as one process computes them (a collective)."""
+        return (
+            self.total.result(self.shape, self.dtype),
+            {n: c.result(self.shape, self.dtype) for n, c in self.layers.items()} if self.layers is not None else None,
+            self.tokens.result(self.shape, self.dtype, tokens=True) if self.tokens is not None else None,
+        )
+
+
 def share_means(curvature: Curvature) -> None:
     """Every layer's mean eigenvalue (the unit of relative damping) on every rank: each owner's, exchanged once."""
     if not by_layer(curvature):
@@ -156,4 +190,4 @@ def refuse(what: str) -> InputError:
     return InputError(f"{what} does not support factors placed by layer (Execution(factor_placement='by_layer')); use the replicated placement")
 
 
-__all__ = ["by_layer", "assign_owners", "Gather", "Columns", "share_means", "gathered_curvature", "refuse"]
+__all__ = ["by_layer", "assign_owners", "Gather", "Columns", "OwnedScores", "share_means", "gathered_curvature", "refuse"]
