@@ -170,3 +170,29 @@ def test_by_layer_scores_equal_one_process():
         for key, a in one.items():
             assert got[key].shape == a.shape, key
             np.testing.assert_allclose(got[key], a, rtol=1e-10, atol=1e-10 * np.abs(a).max(), err_msg=key)
+
+
+def test_owners_keep_shared_inputs_together_and_balance_the_bytes():
+    """Llama-3-8B's MLP shapes on 8 ranks (meta tensors: shapes only): a gate and up projection, which share ā and
+    so one A factor, get the same owner; every rank gets layers, and the ranks' shares of I² + O² + O·I differ by at
+    most the largest group's (greedy largest-first assignment); the assignment depends on nothing but the shapes."""
+    import torch
+
+    from lminfluence.hooks.collector import LayerCapture
+    from lminfluence.placement import assign_owners
+
+    captures, cost = {}, {}
+    for b in range(32):
+        shared = torch.empty(1, 1, 4096, device="meta")
+        for name, a, o in (("gate", shared, 14336), ("up", shared, 14336), ("down", torch.empty(1, 1, 14336, device="meta"), 4096)):
+            captures[f"{b}.{name}"] = LayerCapture(a=a, ds=torch.empty(1, 1, o, device="meta"))
+    owners = assign_owners(captures, 8)
+    assert owners == assign_owners(dict(captures), 8)
+    load = [0] * 8
+    for b in range(32):
+        assert owners[f"{b}.gate"] == owners[f"{b}.up"]
+        cost[b] = (4096**2 + 2 * (14336**2 + 14336 * 4096), 14336**2 + 4096**2 + 14336 * 4096)
+        load[owners[f"{b}.gate"]] += cost[b][0]
+        load[owners[f"{b}.down"]] += cost[b][1]
+    assert set(owners.values()) == set(range(8))
+    assert max(load) - min(load) <= max(cost[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -309,11 +308,7 @@ def _finish(model, config, curvature, num_tokens, num_sequences, timings, meta, 
         fingerprint=model_fingerprint(model),
         meta={"seconds": timings, "torch": torch.__version__, **meta},
     )
-    if output_dir is not None and placement.by_layer(curvature):
-        full = placement.gathered_curvature(curvature)  # a collective: every rank sends its layers to rank 0
-        if full is not None:
-            dataclasses.replace(factors, curvature=full).save(output_dir)
-    elif output_dir is not None and dist.is_main():
+    if output_dir is not None and (dist.is_main() or placement.by_layer(curvature)):  # by_layer: every rank sends rank 0 its layers
         factors.save(output_dir)
     return factors
 

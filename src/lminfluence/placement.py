@@ -41,10 +41,11 @@ def by_layer(curvature: Curvature) -> bool:
     return curvature.owners is not None and dist.active()
 
 
-def assign_owners(captures: dict[str, LayerCapture]) -> dict[str, int]:
+def assign_owners(captures: dict[str, LayerCapture], world: int | None = None) -> dict[str, int]:
     """Each layer → its owner rank: groups of layers sharing ā kept together, the largest first to the least loaded rank.
 
     The same on every rank: it depends on the captures' shapes and on which layers share ā only.
+    ``world``: the number of ranks (default: the process group's).
     """
     from .curvature.strategies import _spread
 
@@ -55,7 +56,7 @@ def assign_owners(captures: dict[str, LayerCapture]) -> dict[str, int]:
     for members in groups.values():
         i = captures[members[0]].a.shape[-1]
         costs[tuple(members)] = i * i + sum(o * o + o * i for o in (captures[m].ds.shape[-1] for m in members))
-    return {m: r for members, r in _spread(costs).items() for m in members}
+    return {m: r for members, r in _spread(costs, world).items() for m in members}
 
 
 class Gather:

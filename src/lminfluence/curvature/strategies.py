@@ -39,9 +39,9 @@ def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
         state[key] = tuple(b.to(torch.float64) for b in blocks)
 
 
-def _spread(costs: dict) -> dict:
-    """Each unit → the rank that decomposes it: the costliest first, each to the least loaded rank (the same on every rank)."""
-    load = [0] * dist.world_size()
+def _spread(costs: dict, world: int | None = None) -> dict:
+    """Each unit → a rank: the costliest first, each to the least loaded of ``world`` ranks (default: the group's; the same on every rank)."""
+    load = [0] * (world or dist.world_size())
     order = {u: i for i, u in enumerate(costs)}
     out = {}
     for unit in sorted(costs, key=lambda u: (-costs[u], order[u])):
