@@ -15,7 +15,7 @@
    up sharing A) for 1, 2, 4 and 8 diagonal blocks, in float32, plus what one
    rank holds of the float64 running sums during the fit; and, for
    ``Execution(factor_placement="by_layer")`` on 8 ranks, what the most and the
-   least loaded rank hold (the layers assigned as ``placement.assign_owners`` does).
+   least loaded rank hold (the layers assigned as ``curvature.placement.assign_owners`` does).
 
 The block-diagonal accuracy (Pearson of scores against full factors) is
 measured by ``bench_blocks.py``.
@@ -157,7 +157,7 @@ def by_layer_memory(layers: list, blocks_n: int, world: int) -> dict:
     import torch
 
     from lminfluence.hooks.collector import LayerCapture
-    from lminfluence.placement import assign_owners
+    from lminfluence.curvature.placement import assign_owners
 
     captures, sizes = {}, {}
     for b in range(blocks_n):  # shapes only: tensors on the meta device; gate and up get the same ā

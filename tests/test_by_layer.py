@@ -19,9 +19,9 @@ def _shard_llama(model) -> None:
     fully_shard(model)
 
 
-def _fit(strategy: str, owned: bool, out_dir: str | None = None):
+def _fit(strategy: str, owned: bool, out_dir: str | None = None, shard: bool = True):
     """A tiny float64 Llama (gated MLP: gate and up share ā) on 24 sequences in batches of 4, FSDP-sharded under
-    torch.distributed; every tensor this rank holds, the owners, bytes, and P = (G+λI)⁻¹V of a fixed V per layer."""
+    torch.distributed when ``shard``; every tensor this rank holds, the owners, bytes, and P = (G+λI)⁻¹V of a fixed V per layer."""
     import torch
 
     import lminfluence as li
@@ -29,7 +29,7 @@ def _fit(strategy: str, owned: bool, out_dir: str | None = None):
     from lminfluence import distributed as d
 
     model, train = tiny_llama(layers=2), random_sequences(24)
-    if d.active():
+    if d.active() and shard:
         _shard_llama(model)
     ex = li.Execution(batch_size=4, factor_placement="by_layer" if owned else "replicated")
     factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=ex, output_dir=out_dir)
@@ -68,19 +68,23 @@ def _same_tensors(one: dict, got: dict, rtol: float = 1e-10) -> None:
         _close(a, b, rtol, key)
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", pytest.param("kfac", marks=pytest.mark.slow), pytest.param("diagonal", marks=pytest.mark.slow)])
-def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy, tmp_path):
+@pytest.mark.parametrize(
+    "strategy, shard",
+    [("ekfac", True), pytest.param("kfac", True, marks=pytest.mark.slow), pytest.param("diagonal", True, marks=pytest.mark.slow), pytest.param("ekfac", False, marks=pytest.mark.slow)],
+)
+def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy, shard, tmp_path):
     """Two ranks of an FSDP-sharded float64 Llama, each layer's captures gathered to its owner: the tensors each
     rank holds equal the one-process fit's to 1e-10 relative (only the order of float64 additions differs,
     ~1e-16), and so does the preconditioner applied to V; the two ranks hold disjoint sets of layers that
     together are all of them, a gate and up projection (one shared A) on the same rank, each rank's bytes
-    the sum over its layers. The factors rank 0 saves load in one process as the one-process fit's."""
+    the sum over its layers. The factors rank 0 saves load in one process as the one-process fit's. Unsharded
+    (plain data parallel), EK-FAC's second pass replays the first pass's captures and exchanges them again."""
     import torch
 
     import lminfluence as li
 
     one = _fit(strategy, False)
-    results = run_ranks(_fit, strategy, True, str(tmp_path / "f"))
+    results = run_ranks(_fit, strategy, True, str(tmp_path / "f"), shard)
     assert [s for s, _ in results] == ["ok", "ok"], results
     held = [set(r["held"]) for _, r in results]
     assert not held[0] & held[1] and held[0] | held[1] == set(one["held"]), held
@@ -179,7 +183,7 @@ def test_owners_keep_shared_inputs_together_and_balance_the_bytes():
     import torch
 
     from lminfluence.hooks.collector import LayerCapture
-    from lminfluence.placement import assign_owners
+    from lminfluence.curvature.placement import assign_owners
 
     captures, cost = {}, {}
     for b in range(32):

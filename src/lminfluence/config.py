@@ -270,7 +270,7 @@ class Execution(Serializable):
             layer's factors on every rank; ``by_layer`` gives each tracked layer
             one owner rank that alone holds its factors (and, when scoring, its
             preconditioned queries), the other ranks sending it their captures
-            batch by batch (``lminfluence.placement``). Python API only; one
+            batch by batch (``lminfluence.curvature.placement``). Python API only; one
             process ignores it.
     """
 

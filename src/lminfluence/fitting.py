@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from . import placement
 from .config import Execution, FactorConfig
+from .curvature import placement
 from .curvature.checkpoint import FitCheckpoint, Progress, agree, checkpoint_dir, examples_digest, fit_key, test_kill
 from .curvature.factors import Factors
 from .curvature.strategies import make_curvature
@@ -150,7 +150,7 @@ def fit_factors(
     one rank and broadcast, and every rank returns the same factors (rank 0
     alone saves them; each rank checkpoints its own shard under ``output_dir``).
 
-    With ``execution.factor_placement="by_layer"`` (``lminfluence.placement``) each
+    With ``execution.factor_placement="by_layer"`` (``lminfluence.curvature.placement``) each
     tracked layer's sums, eigendecompositions and Λ live on one owner rank, which
     receives every rank's captures of that layer batch by batch: each rank returns
     factors holding its own layers only (``Factors.curvature.owners`` says whose
@@ -215,7 +215,7 @@ def fit_factors(
                     autocast=autocast, desc=f"fit {pass_name}", label_draws=config.label_draws,
                 )
             if owned:  # the batches' exchanges are collectives: an error on one rank cannot wait for the pass's end
-                batches_done = _accumulate(curvature, pass_name, batches, progress, None, None, start, batches_done, owned=True)
+                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, None, start, batches_done, owned=True)
             else:
                 with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
                     batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done)

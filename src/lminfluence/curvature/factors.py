@@ -107,7 +107,7 @@ def save_factors(factors: Factors, path: str | Path) -> Path:
     Layer-owned factors (``Execution(factor_placement="by_layer")``) are saved by every rank
     together: each sends its layers to rank 0, which writes the files a replicated fit writes.
     """
-    from .. import placement
+    from . import placement
 
     if placement.by_layer(factors.curvature):
         full = placement.gathered_curvature(factors.curvature)  # a collective: on every rank

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import placement
 from ..config import Execution, ScoreConfig
+from ..curvature import placement
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import ConfigError
 from ..filtering.tfidf import TfidfIndex

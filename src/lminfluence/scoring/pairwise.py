@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
-from .. import placement
 from ..config import Execution, ScoreConfig
+from ..curvature import placement
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import InputError
 from ..memory import headroom
-from ..passes import as_reiterable, half_autocast, model_device, run_pass, tracking
+from ..passes import as_reiterable, half_autocast, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores, worth_keeping
 from .precondition import make_preconditioner
@@ -303,6 +303,10 @@ def score_preconditioned(
     pq = preconditioned
     train = as_reiterable(train, "train")
     execution, plan = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+    if gather is not None:  # every rank exchanges captures after each batch: rank 0's sizes, and as many batches everywhere
+        execution = dist.broadcast_object(execution)
+        n = num_examples(train)
+        dist.require_same_batches(model, sum(1 for _ in train) if n is None else n, _size(execution.batch_size), "score", always=True)
     # A rank-R layer whose contraction is much cheaper from its dense [Q, O, I] keeps that dense form
     # across batches, while it fits in what the budget leaves (decided at its first batch: ``worth_keeping``).
     spare = max(0, plan.budget - plan.stages["score"].peak) if plan is not None else headroom(model_device(model), execution) // 2

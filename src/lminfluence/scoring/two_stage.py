@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
-from .. import placement
 from ..config import Execution, ScoreConfig, Serializable, check_positive_int, option
+from ..curvature import placement
 from ..curvature.checkpoint import test_kill
 from ..curvature.factors import Factors
 from ..errors import ConfigError

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dist
-from .curvature.base import Curvature
-from .errors import InputError
-from .hooks.collector import LayerCapture
+from .. import distributed as dist
+from ..errors import InputError
+from ..hooks.collector import LayerCapture
+from .base import Curvature
+from .strategies import _spread
 
 
 def by_layer(curvature: Curvature) -> bool:
@@ -47,8 +48,6 @@ def assign_owners(captures: dict[str, LayerCapture], world: int | None = None) -
     The same on every rank: it depends on the captures' shapes and on which layers share ā only.
     ``world``: the number of ranks (default: the process group's).
     """
-    from .curvature.strategies import _spread
-
     groups: dict[int, list[str]] = {}
     for name, cap in captures.items():
         groups.setdefault(id(cap.a), []).append(name)
