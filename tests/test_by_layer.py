@@ -48,6 +48,7 @@ def _fit(strategy: str, owned: bool, out_dir: str | None = None, shard: bool = T
         "counts": (factors.num_tokens, factors.num_sequences),
         "applied": applied,
         "means": means,
+        "replayed": factors.meta.get("second_pass_replayed"),
     }
 
 
@@ -95,6 +96,7 @@ def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy
         assert owners[f"model.layers.{block}.mlp.gate_proj"] == owners[f"model.layers.{block}.mlp.up_proj"]
     assert sum(r["nbytes"] for _, r in results) == one["nbytes"]  # a shared A is held once, by its owner
     for _, got in results:
+        assert got["replayed"] == (strategy == "ekfac" and not shard)
         assert got["counts"] == one["counts"]
         assert {k.partition("::")[0] for k in got["state"]} == set(got["held"])
         _same_tensors(one["state"], got["state"])

@@ -85,7 +85,8 @@ class Gather:
                 ds = dist.gather_to(cap.ds, dst, [(b, t, cap.ds.shape[-1]) for b, t in self.sizes])
                 if dst == me:
                     a = gathered_a[id(cap.a)]
-                    assert a is not None and ds is not None  # the owner receives
+                    if a is None or ds is None:
+                        raise RuntimeError(f"layer {name!r}: its owner received no captures (a bug in lminfluence)")
                     mine[name] = LayerCapture(a=a, ds=ds)
             out.append(mine)
         return out
