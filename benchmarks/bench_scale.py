@@ -13,7 +13,9 @@
 2. Memory (computed, nothing run): the bytes of EK-FAC factors of the MLP
    layers of Llama-3-8B's shapes (32 blocks, hidden 4096, MLP 14336, gate and
    up sharing A) for 1, 2, 4 and 8 diagonal blocks, in float32, plus what one
-   rank holds of the float64 running sums during the fit.
+   rank holds of the float64 running sums during the fit; and, for
+   ``Execution(factor_placement="by_layer")`` on 8 ranks, what the most and the
+   least loaded rank hold (the layers assigned as ``curvature.placement.assign_owners`` does).
 
 The block-diagonal accuracy (Pearson of scores against full factors) is
 measured by ``bench_blocks.py``.
@@ -66,12 +68,21 @@ def model_and_data(args):
     return model, train, queries
 
 
-def fit_and_score(args) -> dict:
-    """Fit and score (on every rank when a process group is up); seconds of each stage and the results."""
+def fit_and_score(args, placement: str | None = None) -> dict:
+    """Fit and score (on every rank when a process group is up); seconds of each stage and the results.
+
+    ``placement``: shard the model's blocks with FSDP (``fully_shard``) and fit with this factor placement.
+    """
     import lminfluence as li
 
     model, train, queries = model_and_data(args)
-    ex = li.Execution(batch_size=args.batch_size, query_batch_size=args.num_queries)
+    if placement is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    ex = li.Execution(batch_size=args.batch_size, query_batch_size=args.num_queries, factor_placement=placement or "replicated")
     li.distributed.barrier()
     t0 = time.perf_counter()
     factors = li.fit_factors(model, train, execution=ex)
@@ -84,7 +95,7 @@ def fit_and_score(args) -> dict:
     return {"fit_s": t1 - t0, "score_s": t2 - t1, "state": state, "scores": scores.total}
 
 
-def _worker(rank: int, world: int, port: int, args, out: str) -> None:
+def _worker(rank: int, world: int, port: int, args, out: str, placement: str | None = None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -92,7 +103,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = fit_and_score(args)
+        result = fit_and_score(args, placement)
         if rank == 0:
             with open(Path(out) / "result.pkl", "wb") as f:
                 pickle.dump(result, f)
@@ -101,7 +112,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         dist.destroy_process_group()
 
 
-def run_processes(args) -> dict:
+def run_processes(args, placement: str | None = None) -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -109,7 +120,7 @@ def run_processes(args) -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        mp.start_processes(_worker, args=(args.processes, port, args, out), nprocs=args.processes, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(args.processes, port, args, out, placement), nprocs=args.processes, join=True, start_method="spawn")
         wall = time.perf_counter() - start
         with open(Path(out) / "result.pkl", "rb") as f:
             result = pickle.load(f)
@@ -137,7 +148,34 @@ def factor_memory() -> dict:
             factors += (square(o, blocks) + o + i * o + (square(i, blocks) + i if holds_a else 0)) * 4  # Q_S, e_S, Λ, (Q_A, e_A)
             sums += ((square(o, blocks) + o) // 2 + ((square(i, blocks) + i) // 2 if holds_a else 0)) * 8  # packed float64 triangles
         out[f"{blocks} block(s)"] = {"factors_gib": blocks_n * factors / GIB, "fit_sums_gib_per_rank": blocks_n * sums / GIB}
+    out["by_layer, 8 ranks, 1 block"] = by_layer_memory(layers, blocks_n, 8)
     return out
+
+
+def by_layer_memory(layers: list, blocks_n: int, world: int) -> dict:
+    """Per-rank GiB of layer-owned factors (float32) and fit sums (float64 packed) on ``world`` ranks: the largest and smallest share."""
+    import torch
+
+    from lminfluence.hooks.collector import LayerCapture
+    from lminfluence.curvature.placement import assign_owners
+
+    captures, sizes = {}, {}
+    for b in range(blocks_n):  # shapes only: tensors on the meta device; gate and up get the same ā
+        shared = torch.empty(1, 1, layers[0][1], device="meta")
+        for name, i, o, holds_a in layers:
+            a = shared if name != "down_proj" else torch.empty(1, 1, i, device="meta")
+            captures[f"{b}.{name}"] = LayerCapture(a=a, ds=torch.empty(1, 1, o, device="meta"))
+            sizes[f"{b}.{name}"] = ((o * o + o + i * o + (i * i + i if holds_a else 0)) * 4, ((o * o + o) // 2 + ((i * i + i) // 2 if holds_a else 0)) * 8)
+    owners = assign_owners(captures, world)
+    factors, sums = [0] * world, [0] * world
+    for name, r in owners.items():
+        factors[r] += sizes[name][0]
+        sums[r] += sizes[name][1]
+    return {
+        "factors_gib_per_rank_max": max(factors) / GIB,
+        "factors_gib_per_rank_min": min(factors) / GIB,
+        "fit_sums_gib_per_rank_max": max(sums) / GIB,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument("--fsdp", action="store_true", help="also time K processes of an FSDP-sharded model, factors replicated and placed by layer")
     args = parser.parse_args(argv)
 
     import torch
@@ -180,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         "max_relative_difference": {"processes": differences(many), f"one_process_{args.processes}_threads": differences(one)},
         "llama3_8b_mlp_factor_memory": factor_memory(),
     }
+    if args.fsdp:  # rank 0's results: by_layer holds its own layers' factors only, compared key by key
+        fsdp = {p: run_processes(args, p) for p in ("replicated", "by_layer")}
+        result["fsdp"] = {p: {"fit_s": r["fit_s"], "score_s": r["score_s"]} for p, r in fsdp.items()}
+        result["fsdp"]["by_layer_vs_one_process"] = {
+            "state": max(max_relative(single["state"][k], v) for k, v in fsdp["by_layer"]["state"].items()),
+            "scores": max_relative(single["scores"], fsdp["by_layer"]["scores"]),
+        }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -20,12 +20,14 @@ FisherType = Literal["sampled", "empirical"]
 Algorithm = Literal["auto", "materialize", "project"]
 FactorDtype = Literal["auto", "float32", "float64"]
 Refine = Literal["none", "cg"]
+FactorPlacement = Literal["replicated", "by_layer"]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 FACTOR_DTYPES: tuple[str, ...] = get_args(FactorDtype)
 REFINES: tuple[str, ...] = get_args(Refine)
+FACTOR_PLACEMENTS: tuple[str, ...] = get_args(FactorPlacement)
 
 
 def option(default: Any, help: str, *, key: str | None = None, flag: str | None = None, cli: bool = True) -> Any:
@@ -264,6 +266,12 @@ class Execution(Serializable):
         offload_factors: keep the factors in CPU memory and move them to the
             model's device one layer at a time, when used (for GPUs whose memory
             cannot hold them all).
+        factor_placement: under torch.distributed, ``replicated`` keeps every
+            layer's factors on every rank; ``by_layer`` gives each tracked layer
+            one owner rank that alone holds its factors (and, when scoring, its
+            preconditioned queries), the other ranks sending it their captures
+            batch by batch (``lminfluence.curvature.placement``). Python API only; one
+            process ignores it.
     """
 
     batch_size: int | None = option(None, "training sequences per forward/backward pass (default: from the memory budget)")
@@ -272,6 +280,7 @@ class Execution(Serializable):
     cache_gib: float | None = option(None, "memory for replaying EK-FAC's first pass in its second (0 = off; default: when it fits)")
     checkpoint_seconds: float = option(300.0, "seconds between checkpoints of a fit's running sums (0 = every batch)")
     offload_factors: bool = option(False, "keep factors on the CPU, moving one layer at a time to the model's device")
+    factor_placement: FactorPlacement = option("replicated", "replicated: every rank holds all factors; by_layer: one owner rank per layer", cli=False)
 
     def __post_init__(self) -> None:
         check_positive_int("batch_size", self.batch_size, allow_none=True)
@@ -280,6 +289,7 @@ class Execution(Serializable):
         check_number("cache_gib", self.cache_gib, allow_none=True)
         check_number("checkpoint_seconds", self.checkpoint_seconds)
         check_bool("offload_factors", self.offload_factors)
+        check_choice("factor_placement", self.factor_placement, FACTOR_PLACEMENTS)
 
 
 __all__ = [
@@ -293,6 +303,7 @@ __all__ = [
     "ALGORITHMS",
     "FACTOR_DTYPES",
     "REFINES",
+    "FACTOR_PLACEMENTS",
     "check_choice",
     "check_positive_int",
     "check_number",

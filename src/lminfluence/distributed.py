@@ -143,21 +143,22 @@ def sharded_model(model: torch.nn.Module) -> bool:
     return active() and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def require_same_batches(model: torch.nn.Module, num_local: int, batch_size: int, what: str) -> None:
+def require_same_batches(model: torch.nn.Module, num_local: int, batch_size: int, what: str, always: bool = False) -> None:
     """Raise, on every rank, when an FSDP-sharded model would run different numbers of batches on different ranks.
 
     Each forward pass of a sharded model gathers the weights from all ranks, so
     every rank must run as many as the others: ``num_local`` sequences in
-    batches of ``batch_size`` must give the same count everywhere.
+    batches of ``batch_size`` must give the same count everywhere. ``always``:
+    check for any model (layer-owned factors exchange captures after every batch).
     """
-    if not sharded_model(model):
+    if not (always and active()) and not sharded_model(model):
         return
     counts = all_gather_objects((num_local, -(-num_local // batch_size)))
     if len({c for _, c in counts}) > 1:
         sizes = [n for n, _ in counts]
         fits = [b for b in range(1, max(sizes) + 1) if len({-(-n // b) for n in sizes}) == 1]
         raise DistributedError(
-            f"{what}: with an FSDP-sharded model every rank must run the same number of batches, but the ranks' shares of "
+            f"{what}: with an FSDP-sharded model (or factors placed by layer) every rank must run the same number of batches, but the ranks' shares of "
             f"{sizes} sequences in batches of {batch_size} give {[c for _, c in counts]}; choose a batch size that gives "
             f"each rank the same count (e.g. {fits[-1] if fits else 1}), or another number of processes"
         )
@@ -228,6 +229,44 @@ def gather_cat(t: torch.Tensor, dim: int, pad_dims: Sequence[int] = ()) -> torch
         keep = [slice(0, shape[d]) if d == dim else slice(None) for d in range(t.dim())]
         trimmed.append(part[tuple(keep)])
     return torch.cat(trimmed, dim=dim).to(t.device)
+
+
+def gather_to(t: torch.Tensor, dst: int, shapes: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """Every rank's ``t`` [B_r, …] concatenated along dim 0 in rank order, on rank ``dst`` only (None elsewhere).
+
+    ``shapes`` holds every rank's ``t.shape`` (all ranks pass the same list); the other
+    dims may differ between ranks and are zero-padded at their ends to the largest.
+    """
+    if not active():
+        return t
+    full = [max(s[d] for s in shapes) for d in range(t.dim())]
+    device = _device_of([t])
+    padded = torch.zeros(full, dtype=t.dtype, device=device)
+    padded[tuple(slice(0, n) for n in t.shape)] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in shapes] if rank() == dst else None
+    dist.gather(padded, parts, dst=dst)
+    if parts is None:
+        return None
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes)]).to(t.device)
+
+
+def send_to(tensors: Sequence[torch.Tensor], src: int, dst: int, shapes: Sequence[tuple[Sequence[int], torch.dtype]]) -> list[torch.Tensor]:
+    """Rank ``src``'s ``tensors`` received by rank ``dst`` (which passes their shapes and dtypes; every other rank passes nothing and gets [])."""
+    if src == dst:
+        return list(tensors) if rank() == src else []
+    device = _device_of(tensors)
+    if rank() == src:
+        for t in tensors:
+            dist.send(t.contiguous().to(device), dst)
+        return []
+    if rank() != dst:
+        return []
+    out = []
+    for shape, dtype in shapes:
+        buf = torch.empty(tuple(shape), dtype=dtype, device=device)
+        dist.recv(buf, src)
+        out.append(buf)
+    return out
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], src: int) -> None:
@@ -315,6 +354,8 @@ __all__ = [
     "all_reduce_sum_",
     "gather_cat",
     "broadcast_",
+    "gather_to",
+    "send_to",
     "all_gather_objects",
     "broadcast_object",
     "barrier",

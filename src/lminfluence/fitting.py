@@ -14,6 +14,7 @@ from torch import nn
 
 from . import distributed as dist
 from .config import Execution, FactorConfig
+from .curvature import placement
 from .curvature.checkpoint import FitCheckpoint, Progress, agree, checkpoint_dir, examples_digest, fit_key, test_kill
 from .curvature.factors import Factors
 from .curvature.strategies import make_curvature
@@ -94,10 +95,13 @@ def _checkpointer(model, train, config, task, layers, output_dir, execution, sha
 
 
 def _reduce(curvature, num_tokens: int, num_sequences: int) -> tuple[int, int]:
-    """The pass's sums and counts summed over ranks (float64; in place), after checking that every rank holds the same sums."""
+    """The pass's sums and counts summed over ranks (float64; in place), after checking that every rank holds the same sums.
+
+    Layer-owned sums are complete on their owners already (they received every rank's captures): only the counts are summed.
+    """
     if not dist.active():
         return num_tokens, num_sequences
-    sums = curvature.running_sums()
+    sums = [] if curvature.owners is not None else curvature.running_sums()
     shapes = dist.all_gather_objects([tuple(t.shape) for t in sums])
     if any(s != shapes[0] for s in shapes):
         raise dist.DistributedError("the ranks accumulated different sums (the model calls its tracked layers differently on different ranks)")
@@ -133,7 +137,8 @@ def fit_factors(
         execution: batch size (None: from the memory budget, ``lminfluence.memory``),
             the capture cache (EK-FAC's second pass replays the first pass's
             captures when they fit; the factors are identical either way),
-            checkpoint interval, offloading.
+            checkpoint interval, offloading, and the factors' placement over
+            ranks (``factor_placement``, below).
         output_dir: when given, the factors are saved there, and the fit
             checkpoints its progress there (``Execution.checkpoint_seconds``):
             run again after a crash, it resumes and ends with the same factors.
@@ -144,6 +149,15 @@ def fit_factors(
     float64 sums are added over ranks, each eigendecomposition is computed by
     one rank and broadcast, and every rank returns the same factors (rank 0
     alone saves them; each rank checkpoints its own shard under ``output_dir``).
+
+    With ``execution.factor_placement="by_layer"`` (``lminfluence.curvature.placement``) each
+    tracked layer's sums, eigendecompositions and Λ live on one owner rank, which
+    receives every rank's captures of that layer batch by batch: each rank returns
+    factors holding its own layers only (``Factors.curvature.owners`` says whose
+    each layer is), and rank 0 receives them layer by layer to save them in the
+    usual files, which load in one process as a replicated fit's would. Every rank
+    must run the same number of batches, and such a fit does not checkpoint (a
+    killed one starts over).
     """
     from .task.causal_lm import CausalLMTask
 
@@ -160,10 +174,14 @@ def fit_factors(
     if not curvature.passes:  # identity: nothing to fit, but count the data for the manifest
         return _finish(model, config, curvature, 0, _count(train), {}, {}, output_dir if dist.is_main() else None)
 
+    owned = execution.factor_placement == "by_layer" and dist.active()
+    if owned and config.strategy == "lissa":
+        raise placement.refuse("the lissa strategy (its products couple the layers)")
     lo, hi = _shard(train)  # under torch.distributed: this rank's sequences; one process: all (hi = -1)
     local = dist.Slice(train, lo, hi) if dist.active() else train
     head = dist.Slice(train, 0, hi) if dist.active() else train  # run_pass starts at a global index: the labels' seeds
-    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi)) if output_dir is not None else None
+    keep_checkpoints = output_dir is not None and not owned  # by_layer: the ranks' sums would have to be saved in step
+    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi)) if keep_checkpoints else None
     progress = checkpoint.restore(curvature) if checkpoint is not None else None
     progress = agree(curvature, progress)
     resumed = progress is not None
@@ -171,8 +189,8 @@ def fit_factors(
         progress = Progress()
     batch_size, cache_gib = _batch_and_cache(model, config, execution, local, task, progress.batch_size)
     progress.batch_size = batch_size
-    if dist.sharded_model(model):  # FSDP: each forward is a collective, every rank must run as many
-        dist.require_same_batches(model, len(local) - progress.start, batch_size, "fit")  # type: ignore[arg-type]
+    if dist.sharded_model(model) or owned:  # FSDP: each forward is a collective, every rank must run as many (by_layer: each batch is)
+        dist.require_same_batches(model, len(local) - progress.start, batch_size, "fit", always=owned)  # type: ignore[arg-type]
     logger.info("fitting %s on %d tracked layers, %d sequences per batch", config.strategy, len(layers), batch_size)
 
     kind: LossKind = "sampled" if config.fisher == "sampled" else "true"
@@ -196,8 +214,11 @@ def fit_factors(
                     model, task, collector, head, batch_size, kind, seed=config.seed, start=lo + progress.start,
                     autocast=autocast, desc=f"fit {pass_name}", label_draws=config.label_draws,
                 )
-            with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
-                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done)
+            if owned:  # the batches' exchanges are collectives: an error on one rank cannot wait for the pass's end
+                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, None, start, batches_done, owned=True)
+            else:
+                with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
+                    batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done)
             if index == 0 and cache is not None:
                 cache.close()
             counts = _reduce(curvature, progress.num_tokens, progress.num_sequences)
@@ -206,13 +227,15 @@ def fit_factors(
             progress = Progress(index + 1, 0, 0, 0, batch_size, progress.seconds)
             if checkpoint is not None and index + 1 < len(curvature.passes):
                 checkpoint.save(curvature, progress)
+    placement.share_means(curvature)
     meta = {
         "second_pass_replayed": bool(cache is not None and cache.complete),
         "batch_size": batch_size,
         "resumed": resumed,
         "processes": dist.world_size(),
+        **({"factor_placement": "by_layer"} if owned else {}),
     }
-    factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir if dist.is_main() else None)
+    factors = _finish(model, config, curvature, counts[0], counts[1], progress.seconds, meta, output_dir)
     dist.barrier()  # the factors are saved (by rank 0) before any rank drops its checkpoint (on every rank: with or without one)
     if checkpoint is not None:
         checkpoint.clear()
@@ -238,12 +261,23 @@ def _batch_and_cache(model: nn.Module, config: FactorConfig, execution: Executio
 
 def _accumulate(
     curvature: Any, pass_name: str, batches: Iterable[BatchCapture], progress: Progress, cache: CaptureCache | None,
-    checkpoint: FitCheckpoint | None, start: float, batches_done: int,
+    checkpoint: FitCheckpoint | None, start: float, batches_done: int, owned: bool = False,
 ) -> int:
-    """Add one pass's batches to the running sums (every label draw), filling the cache and checkpointing; batches done so far."""
+    """Add one pass's batches to the running sums (every label draw), filling the cache and checkpointing; batches done so far.
+
+    ``owned``: each layer's captures of every rank go to its owner (chosen at the fit's first batch), which alone accumulates them.
+    """
+    gather = placement.Gather(curvature.owners) if owned and curvature.owners is not None else None
     for bc in batches:
-        for draw, captures in enumerate(bc.draws):  # K label draws of one forward pass (FactorConfig.label_draws)
-            curvature.accumulate(pass_name, captures, draw)
+        draws = bc.draws
+        if owned:
+            if gather is None:
+                curvature.own(placement.assign_owners(draws[0]), dist.rank())
+                gather = placement.Gather(curvature.owners)
+            draws = gather(draws)
+        for draw, captures in enumerate(draws):  # K label draws of one forward pass (FactorConfig.label_draws)
+            if captures:  # by_layer: a rank may own no layer
+                curvature.accumulate(pass_name, captures, draw)
         progress.num_tokens += bc.num_tokens
         progress.num_sequences += bc.num_sequences
         progress.start += bc.num_sequences
@@ -266,6 +300,7 @@ def _count(train: Iterable) -> int:
 
 
 def _finish(model, config, curvature, num_tokens, num_sequences, timings, meta, output_dir) -> Factors:
+    """The factors (rank 0 saves them to ``output_dir``, receiving layer-owned ones from their owners first)."""
     factors = Factors(
         config=config,
         curvature=curvature,
@@ -274,7 +309,7 @@ def _finish(model, config, curvature, num_tokens, num_sequences, timings, meta, 
         fingerprint=model_fingerprint(model),
         meta={"seconds": timings, "torch": torch.__version__, **meta},
     )
-    if output_dir is not None:
+    if output_dir is not None and (dist.is_main() or placement.by_layer(curvature)):  # by_layer: every rank sends rank 0 its layers
         factors.save(output_dir)
     return factors
 

@@ -84,6 +84,18 @@ class Curvature:
         self._bases: dict[tuple, Any] = {}
         self._means: dict[str, float] = {}
         self._rotated: dict[str, torch.Tensor] = {}  # ā Q_A of the batch whose label draws are being accumulated
+        # factor_placement="by_layer": layer → the rank holding its factors; ``state`` then holds this rank's
+        # layers only, and ``remote_means`` the mean eigenvalue (damping unit) of the others (``placement``)
+        self.owners: dict[str, int] | None = None
+        self.remote_means: dict[str, float] = {}
+
+    def own(self, owners: dict[str, int], rank: int) -> None:
+        """Hold only the layers that ``owners`` gives ``rank`` (their state so far is kept, the others' dropped)."""
+        self.owners = dict(owners)
+        self.state = {n: st for n, st in self.state.items() if owners[n] == rank}
+        self.shared_a = {n: o for n, o in self.shared_a.items() if n in self.state}
+        self._bases.clear()
+        self._means.clear()
 
     @property
     def label_draws(self) -> int:
@@ -271,6 +283,8 @@ class EigenbasisCurvature(Curvature):
         return torch.cat(out)
 
     def mean_eigenvalue(self, name: str) -> float:
+        if name not in self.state and name in self.remote_means:  # by_layer: another rank holds the layer
+            return self.remote_means[name]
         if name not in self._means:
             self._means[name] = float(self.state[name]["lambda"].mean(dtype=torch.float64))
         return self._means[name]

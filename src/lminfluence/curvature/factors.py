@@ -11,6 +11,7 @@ holds no factors in memory once the queries are preconditioned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -101,7 +102,18 @@ def tracked_modules(model: nn.Module, factors_or_patterns: Factors | tuple[str, 
 
 
 def save_factors(factors: Factors, path: str | Path) -> Path:
-    """Write ``factors`` into the directory ``path`` (tensors first, the manifest last)."""
+    """Write ``factors`` into the directory ``path`` (tensors first, the manifest last).
+
+    Layer-owned factors (``Execution(factor_placement="by_layer")``) are saved by every rank
+    together: each sends its layers to rank 0, which writes the files a replicated fit writes.
+    """
+    from . import placement
+
+    if placement.by_layer(factors.curvature):
+        full = placement.gathered_curvature(factors.curvature)  # a collective: on every rank
+        if full is None:
+            return Path(path)
+        factors = dataclasses.replace(factors, curvature=full)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in factors.curvature.state_dict().items()}

@@ -39,9 +39,9 @@ def _add(state: dict, key: str, blocks: tuple[torch.Tensor, ...]) -> None:
         state[key] = tuple(b.to(torch.float64) for b in blocks)
 
 
-def _spread(costs: dict) -> dict:
-    """Each unit → the rank that decomposes it: the costliest first, each to the least loaded rank (the same on every rank)."""
-    load = [0] * dist.world_size()
+def _spread(costs: dict, world: int | None = None) -> dict:
+    """Each unit → a rank: the costliest first, each to the least loaded of ``world`` ranks (default: the group's; the same on every rank)."""
+    load = [0] * (world or dist.world_size())
     order = {u: i for i, u in enumerate(costs)}
     out = {}
     for unit in sorted(costs, key=lambda u: (-costs[u], order[u])):
@@ -96,7 +96,8 @@ class KFAC(EigenbasisCurvature):
         units = [(name, side) for name, st in self.state.items() for side in ("a", "s") if f"{side}_sum" in st]
         # (dimension, device) of each block, for the ranks that receive a unit they did not decompose
         sizes = {u: [((math.isqrt(8 * b.numel() + 1) - 1) // 2, b.device) for b in self.state[u[0]][f"{u[1]}_sum"]] for u in units}
-        owners = _spread({u: sum(n**3 for n, _ in sizes[u]) for u in units})
+        # by_layer placement: this rank holds only its own layers, and decomposes them all itself
+        owners = {u: dist.rank() for u in units} if self.owners is not None else _spread({u: sum(n**3 for n, _ in sizes[u]) for u in units})
         mine = {u for u in units if owners[u] == dist.rank()}
         count = {"a": num_tokens, "s": num_tokens * self.label_draws}  # S: the mean over tokens and label draws
         # every block of every A and S sum, decomposed a few at a time (eigh_many runs them side by
@@ -118,7 +119,7 @@ class KFAC(EigenbasisCurvature):
                 for key, (e, q) in zip(keys, cm.eigh_many(means)):
                     done.setdefault(key, []).append((e.to(self.dtype), q.to(self.dtype)))
                 del means
-        if dist.active():
+        if dist.active() and self.owners is None:
             done = self._share_bases(units, owners, sizes, done)
         for (name, side), parts in done.items():
             st = self.state[name]

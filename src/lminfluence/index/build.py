@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import Execution, check_positive_int
+from ..curvature import placement
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import ConfigError, InputError, StaleError
 from ..hooks.collector import LayerCapture
@@ -117,6 +118,8 @@ def build_index(
     from ..task.causal_lm import CausalLMTask
 
     check_positive_int("world_size", world_size)
+    if placement.by_layer(factors.curvature):  # the index stores every layer's projection of each sequence
+        raise placement.refuse("build_index")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
     task = task or CausalLMTask()

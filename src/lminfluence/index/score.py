@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import Execution, ScoreConfig
+from ..curvature import placement
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import ConfigError
 from ..filtering.tfidf import TfidfIndex
@@ -69,6 +70,8 @@ def score_with_index(
 
     if config.query_rank is not None or config.per_token:
         raise ConfigError("scoring from an index takes no query_rank and no per_token (re-score the top with two_stage_with_index)")
+    if placement.by_layer(factors.curvature):
+        raise placement.refuse("score_with_index")
     index = _opened(index)
     task = task or CausalLMTask()
     modules = tracked_modules(model, factors)
@@ -143,6 +146,8 @@ def two_stage_with_index(
     """
     from ..task.causal_lm import CausalLMTask
 
+    if placement.by_layer(factors.curvature):
+        raise placement.refuse("two_stage_with_index")
     queries = list(queries)
     if not queries:
         raise ConfigError("no queries to score")

@@ -13,10 +13,11 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import Execution, ScoreConfig
+from ..curvature import placement
 from ..curvature.factors import Factors, tracked_modules
 from ..errors import InputError
 from ..memory import headroom
-from ..passes import as_reiterable, half_autocast, model_device, run_pass, tracking
+from ..passes import as_reiterable, half_autocast, model_device, num_examples, run_pass, tracking
 from ..task.base import Task
 from .contract import LayerQueries, choose, layer_scores, worth_keeping
 from .precondition import make_preconditioner
@@ -136,6 +137,11 @@ def precondition_queries(
     modules, dampings, task, _ = _setup(model, factors, config, task)
     queries = as_reiterable(queries, "queries")
     refining = config.refine != "none" and curvature_data is not None  # CG's products pass over the training data
+    owned = placement.by_layer(factors.curvature)
+    if owned and (config.refine != "none" or factors.strategy == "lissa"):
+        raise placement.refuse("refine='cg' (its products couple the layers)" if config.refine != "none" else "the lissa strategy")
+    if owned:  # layer-owned factors: this rank preconditions its own layers only (every rank runs every query)
+        dampings = {n: d for n, d in dampings.items() if n in factors.curvature.state}
     if execution.query_batch_size is None or (refining and execution.batch_size is None):
         stages = ("precondition", "score") if refining else ("precondition",)
         if refining and curvature_data is not None:
@@ -147,7 +153,7 @@ def precondition_queries(
     pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data, config, batch_size)
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, _size(execution.query_batch_size), "measurement", autocast=half_autocast(model), desc="queries"):
-            pre.add(bc.captures)
+            pre.add({n: c for n, c in bc.captures.items() if n in dampings})
     result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
     if meta is not None:
         meta.update(pre.describe())
@@ -183,6 +189,10 @@ def compute_scores(
     Under ``torch.distributed`` call it on every rank with the same arguments:
     each rank preconditions a share of the queries and broadcasts them, scores
     a contiguous share of ``train``, and every rank returns all the scores.
+    With factors fitted with ``factor_placement="by_layer"`` each rank
+    preconditions every query for its own layers only, and scores the
+    sequences of every rank for those layers (``score_preconditioned``); the
+    layers' scores are summed over ranks. Not with ``refine="cg"`` or LiSSA.
     """
     meta: dict[str, Any] = {}
     data = train if curvature_data is None else curvature_data
@@ -211,7 +221,8 @@ def compute_scores(
 
 def _precondition_shared(model, factors, queries, config, **kwargs) -> dict[str, LayerQueries]:
     """``precondition_queries``; under torch.distributed each rank solves every K-th query and all receive all."""
-    if not dist.active() or dist.sharded_model(model):  # FSDP: every rank runs every forward, so all precondition all
+    if not dist.active() or dist.sharded_model(model) or placement.by_layer(factors.curvature):
+        # FSDP: every rank runs every forward, so all precondition all; by_layer: each for its own layers
         return precondition_queries(model, factors, queries, config, **kwargs)
     from .two_stage import _share
 
@@ -237,7 +248,10 @@ def _score_shared(model, factors, pq, train, config, **kwargs) -> Scores:
     if not dist.active():
         return score_preconditioned(model, factors, pq, train, config, **kwargs)
     local = _local_train(train)
-    dist.require_same_batches(model, len(local), _size(kwargs["execution"].batch_size), "score")
+    owned = placement.by_layer(factors.curvature)
+    dist.require_same_batches(model, len(local), _size(kwargs["execution"].batch_size), "score", always=owned)
+    if owned:  # the scores of every rank's sequences, already summed over the layers' owners
+        return score_preconditioned(model, factors, pq, local, config, **kwargs)
     with dist.checked():
         mine = score_preconditioned(model, factors, pq, local, config, **kwargs)
     return Scores(
@@ -274,15 +288,25 @@ def score_preconditioned(
     Lets a long job precondition its queries once and stream the training set
     in chunks (resume, candidate subsets). ``config`` must be the one the
     queries were preconditioned with (damping and rank are baked into them).
-    It runs on this process's data only, also under torch.distributed.
+    It runs on this process's data only, also under torch.distributed, except
+    with layer-owned factors (``factor_placement="by_layer"``): then every rank
+    must call it with its own ``train`` and the same number of batches, and each
+    returns the scores of every rank's ``train``, concatenated in rank order
+    (each layer scored by its owner, which receives the others' captures).
     """
     modules, _, task, meta = _setup(model, factors, config, task)
-    missing = sorted(set(modules) - set(preconditioned))
+    gather = placement.Gather(factors.curvature.owners) if placement.by_layer(factors.curvature) else None  # type: ignore[arg-type]
+    held = set(modules) if gather is None else set(factors.curvature.state)
+    missing = sorted(held - set(preconditioned))
     if missing:
         raise ValueError(f"preconditioned queries lack tracked layers: {', '.join(missing)}")
     pq = preconditioned
     train = as_reiterable(train, "train")
     execution, plan = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
+    if gather is not None:  # every rank exchanges captures after each batch: rank 0's sizes, and as many batches everywhere
+        execution = dist.broadcast_object(execution)
+        n = num_examples(train)
+        dist.require_same_batches(model, sum(1 for _ in train) if n is None else n, _size(execution.batch_size), "score", always=True)
     # A rank-R layer whose contraction is much cheaper from its dense [Q, O, I] keeps that dense form
     # across batches, while it fits in what the budget leaves (decided at its first batch: ``worth_keeping``).
     spare = max(0, plan.budget - plan.stages["score"].peak) if plan is not None else headroom(model_device(model), execution) // 2
@@ -290,11 +314,14 @@ def score_preconditioned(
     totals: list[torch.Tensor] = []
     layer_parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     token_parts: list[torch.Tensor] = []
+    columns = placement.OwnedScores(modules, config.per_layer, config.per_token, preconditioned, 1) if gather is not None else None
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="score"):
             batch_total: torch.Tensor | None = None
             batch_tokens: torch.Tensor | None = None
-            for name, cap in bc.captures.items():
+            captures = bc.captures if gather is None else gather([bc.captures])[0]  # by_layer: own layers, every rank's sequences
+            layer_totals = {}
+            for name, cap in captures.items():
                 B, T, I = cap.a.shape
                 if name not in keep:
                     lq = pq[name]
@@ -303,17 +330,23 @@ def score_preconditioned(
                 algorithm = choose(pq[name], T, cap.ds.shape[-1], I, config.per_token, config.algorithm, B, keep[name])
                 tot, tok = layer_scores(pq[name], cap.a, cap.ds, algorithm, keep[name])
                 batch_total = tot if batch_total is None else batch_total + tot
-                if config.per_layer:
+                layer_totals[name] = tot
+                if config.per_layer and columns is None:
                     layer_parts[name].append(tot.cpu())
                 if config.per_token:
                     if tok is None:
                         raise RuntimeError(f"no per-token scores from the {algorithm!r} algorithm (a bug in lminfluence)")
                     batch_tokens = tok if batch_tokens is None else batch_tokens + tok
+            if columns is not None and gather is not None:
+                columns.add(batch_total, layer_totals, batch_tokens, gather.sizes, next(iter(bc.captures.values())).a.dtype)
+                continue
             if batch_total is None:
                 raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
             totals.append(batch_total.cpu())
             if config.per_token and batch_tokens is not None:
                 token_parts.append(batch_tokens.cpu())
+    if columns is not None:
+        return Scores(*columns.result(), meta=meta)
     return Scores(
         total=torch.cat(totals, dim=1),
         per_layer={n: torch.cat(p, dim=1) for n, p in layer_parts.items()} if config.per_layer else None,
@@ -347,8 +380,11 @@ def compute_self_scores(
     if execution.batch_size is None:
         execution, _ = _sizes(model, factors, config, execution, task, train=train, stages=("score",), preconditioned=True)
         execution = dist.broadcast_object(execution)  # rank 0's plan for every rank (FSDP needs equal batches)
-    if dist.sharded_model(model):
-        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence")  # type: ignore[arg-type]
+    owned = placement.by_layer(factors.curvature)
+    if dist.sharded_model(model) or owned:
+        dist.require_same_batches(model, len(train), _size(execution.batch_size), "self-influence", always=owned)  # type: ignore[arg-type]
+    gather = placement.Gather(factors.curvature.owners) if owned else None  # type: ignore[arg-type]
+    columns = placement.OwnedScores(modules, config.per_layer, False, None, 0) if owned else None
     curvature = factors.curvature
     if execution.offload_factors:
         curvature.offload = True
@@ -357,14 +393,22 @@ def compute_self_scores(
     with dist.checked(), tracking(model, modules) as col:
         for bc in run_pass(model, task, col, train, _size(execution.batch_size), "true", autocast=half_autocast(model), desc="self-influence"):
             batch_total: torch.Tensor | None = None
-            for name, cap in bc.captures.items():
+            captures = bc.captures if gather is None else gather([bc.captures])[0]  # by_layer: own layers, every rank's sequences
+            layer_totals = {}
+            for name, cap in captures.items():
                 tot = curvature.self_influence(name, cap.a, cap.ds, dampings[name])  # [B]
                 batch_total = tot if batch_total is None else batch_total + tot
-                if config.per_layer:
+                layer_totals[name] = tot
+                if config.per_layer and columns is None:
                     layer_parts[name].append(tot.cpu())
+            if columns is not None and gather is not None:
+                columns.add(batch_total, layer_totals, None, gather.sizes, next(iter(bc.captures.values())).a.dtype)
+                continue
             if batch_total is None:
                 raise RuntimeError("a training batch went through no tracked layer (a bug in lminfluence)")
             totals.append(batch_total.cpu())
+    if columns is not None:
+        return Scores(*columns.result(), meta=meta)
     return Scores(
         total=dist.gather_cat(torch.cat(totals), 0),
         per_layer={n: dist.gather_cat(torch.cat(p), 0) for n, p in layer_parts.items()} if config.per_layer else None,

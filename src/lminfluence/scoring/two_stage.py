@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import Execution, ScoreConfig, Serializable, check_positive_int, option
+from ..curvature import placement
 from ..curvature.checkpoint import test_kill
 from ..curvature.factors import Factors
 from ..errors import ConfigError
@@ -486,6 +487,8 @@ def two_stage_scores(
 
     stages.check(config)
     check_positive_int("chunk_size", chunk_size)
+    if placement.by_layer(factors.curvature):  # its ranks score different chunks: captures cannot meet at the layers' owners
+        raise placement.refuse("two_stage_scores")
     queries = list(queries)
     if not queries:
         raise ConfigError("no queries to score")
