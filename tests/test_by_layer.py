@@ -19,9 +19,10 @@ def _shard_llama(model) -> None:
     fully_shard(model)
 
 
-def _fit(strategy: str, owned: bool, out_dir: str | None = None, shard: bool = True):
+def _fit(strategy: str, owned: bool, out_dir: str | None = None, shard: bool = True, label_draws: int = 1):
     """A tiny float64 Llama (gated MLP: gate and up share ā) on 24 sequences in batches of 4, FSDP-sharded under
-    torch.distributed when ``shard``; every tensor this rank holds, the owners, bytes, and P = (G+λI)⁻¹V of a fixed V per layer."""
+    torch.distributed when ``shard``, ``label_draws`` label sets per sequence; every tensor this rank holds, the owners,
+    bytes, and P = (G+λI)⁻¹V of a fixed V per layer."""
     import torch
 
     import lminfluence as li
@@ -32,7 +33,8 @@ def _fit(strategy: str, owned: bool, out_dir: str | None = None, shard: bool = T
     if d.active() and shard:
         _shard_llama(model)
     ex = li.Execution(batch_size=4, factor_placement="by_layer" if owned else "replicated")
-    factors = li.fit_factors(model, train, li.FactorConfig(strategy=strategy), execution=ex, output_dir=out_dir)
+    config = li.FactorConfig(strategy=strategy, label_draws=label_draws)
+    factors = li.fit_factors(model, train, config, execution=ex, output_dir=out_dir)
     g = torch.Generator().manual_seed(0)
     applied, means = {}, {}
     for name, info in factors.layers.items():
@@ -109,6 +111,26 @@ def test_by_layer_fit_equals_one_process_and_each_rank_holds_its_layers(strategy
     _same_tensors(one["state"], flat)
     assert loaded.nbytes == one["nbytes"] and loaded.num_sequences == one["counts"][1]
     assert torch.equal(flat[next(iter(results[0][1]["state"]))], results[0][1]["state"][next(iter(results[0][1]["state"]))])
+
+
+def test_by_layer_fit_with_several_label_draws_equals_one_process():
+    """EK-FAC with 3 label draws per sequence (ā gathered once per batch, each draw's ds to the owners): the tensors
+    each rank holds and the preconditioner applied to V equal the one-process fit's with the same draws to 1e-10
+    relative (only the order of float64 additions differs, ~1e-16), and differ from a one-draw fit's (the draws
+    reached the owners' sums)."""
+    import torch
+
+    one = _fit("ekfac", False, label_draws=3)
+    single_draw = _fit("ekfac", False)
+    results = run_ranks(_fit, "ekfac", True, None, True, 3)
+    assert [s for s, _ in results] == ["ok", "ok"], results
+    assert set(results[0][1]["held"]) | set(results[1][1]["held"]) == set(one["held"])
+    for _, got in results:
+        assert got["counts"] == one["counts"]
+        _same_tensors(one["state"], got["state"])
+        _same_tensors(one["applied"], got["applied"])
+    lam = next(k for k in one["state"] if k.endswith("::lambda"))
+    assert not torch.allclose(one["state"][lam], single_draw["state"][lam], rtol=1e-3), "3 draws give another Λ than 1"
 
 
 def _scores(owned: bool):

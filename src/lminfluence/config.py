@@ -270,8 +270,10 @@ class Execution(Serializable):
             layer's factors on every rank; ``by_layer`` gives each tracked layer
             one owner rank that alone holds its factors (and, when scoring, its
             preconditioned queries), the other ranks sending it their captures
-            batch by batch (``lminfluence.curvature.placement``). Python API only; one
-            process ignores it.
+            batch by batch (``lminfluence.curvature.placement``). One process
+            ignores it. On the command line, ``fit`` and ``run`` take it
+            (``--factor-placement``) for the fit only: their scoring loads the
+            saved factors on every rank.
     """
 
     batch_size: int | None = option(None, "training sequences per forward/backward pass (default: from the memory budget)")
@@ -280,7 +282,9 @@ class Execution(Serializable):
     cache_gib: float | None = option(None, "memory for replaying EK-FAC's first pass in its second (0 = off; default: when it fits)")
     checkpoint_seconds: float = option(300.0, "seconds between checkpoints of a fit's running sums (0 = every batch)")
     offload_factors: bool = option(False, "keep factors on the CPU, moving one layer at a time to the model's device")
-    factor_placement: FactorPlacement = option("replicated", "replicated: every rank holds all factors; by_layer: one owner rank per layer", cli=False)
+    factor_placement: FactorPlacement = option(
+        "replicated", "under torchrun, where a fit's factors live: replicated (every rank) or by_layer (each layer's on one rank; scoring loads all)"
+    )
 
     def __post_init__(self) -> None:
         check_positive_int("batch_size", self.batch_size, allow_none=True)

@@ -15,7 +15,7 @@ from torch import nn
 from . import distributed as dist
 from .config import Execution, FactorConfig
 from .curvature import placement
-from .curvature.checkpoint import FitCheckpoint, Progress, agree, checkpoint_dir, examples_digest, fit_key, test_kill
+from .curvature.checkpoint import FitCheckpoint, InStepCheckpoint, Progress, agree, checkpoint_dir, examples_digest, fit_key, test_kill
 from .curvature.factors import Factors
 from .curvature.strategies import make_curvature
 from .errors import InputError
@@ -80,7 +80,8 @@ def _shard(train: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
     return dist.span(n)
 
 
-def _checkpointer(model, train, config, task, layers, output_dir, execution, shard) -> FitCheckpoint:
+def _checkpointer(model, train, config, task, layers, output_dir, execution, shard, owned: bool) -> FitCheckpoint:
+    """The fit's checkpoints under ``output_dir`` (with layer-owned factors: saved and restored by all ranks in step)."""
     key = fit_key(
         {
             "model": model_fingerprint(model),
@@ -89,9 +90,11 @@ def _checkpointer(model, train, config, task, layers, output_dir, execution, sha
             "data": examples_digest(train),
             "layers": {n: info.to_dict() for n, info in layers.items()},
             **({"shard": [*shard, dist.world_size()]} if dist.active() else {}),
+            **({"factor_placement": "by_layer"} if owned else {}),
         }
     )
-    return FitCheckpoint(checkpoint_dir(Path(output_dir)), key, execution.checkpoint_seconds)
+    kind = InStepCheckpoint if owned else FitCheckpoint
+    return kind(checkpoint_dir(Path(output_dir)), key, execution.checkpoint_seconds)
 
 
 def _reduce(curvature, num_tokens: int, num_sequences: int) -> tuple[int, int]:
@@ -156,8 +159,9 @@ def fit_factors(
     factors holding its own layers only (``Factors.curvature.owners`` says whose
     each layer is), and rank 0 receives them layer by layer to save them in the
     usual files, which load in one process as a replicated fit's would. Every rank
-    must run the same number of batches, and such a fit does not checkpoint (a
-    killed one starts over).
+    must run the same number of batches. Such a fit checkpoints in step: every rank
+    saves its own layers' state at the same batches, and a rerun resumes every rank
+    from the latest checkpoint they all hold.
     """
     from .task.causal_lm import CausalLMTask
 
@@ -180,10 +184,10 @@ def fit_factors(
     lo, hi = _shard(train)  # under torch.distributed: this rank's sequences; one process: all (hi = -1)
     local = dist.Slice(train, lo, hi) if dist.active() else train
     head = dist.Slice(train, 0, hi) if dist.active() else train  # run_pass starts at a global index: the labels' seeds
-    keep_checkpoints = output_dir is not None and not owned  # by_layer: the ranks' sums would have to be saved in step
-    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi)) if keep_checkpoints else None
+    checkpoint = _checkpointer(model, train, config, task, layers, output_dir, execution, (lo, hi), owned) if output_dir is not None else None
     progress = checkpoint.restore(curvature) if checkpoint is not None else None
-    progress = agree(curvature, progress)
+    if not owned:  # by_layer: the ranks restored the same checkpoint (InStepCheckpoint), owners included
+        progress = agree(curvature, progress)
     resumed = progress is not None
     if progress is None:
         progress = Progress()
@@ -215,7 +219,7 @@ def fit_factors(
                     autocast=autocast, desc=f"fit {pass_name}", label_draws=config.label_draws,
                 )
             if owned:  # the batches' exchanges are collectives: an error on one rank cannot wait for the pass's end
-                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, None, start, batches_done, owned=True)
+                batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done, owned=True)
             else:
                 with dist.checked():  # an error on one rank (bad data, non-finite loss) stops every rank at the pass's end
                     batches_done = _accumulate(curvature, pass_name, batches, progress, cache if index == 0 else None, checkpoint, start, batches_done)

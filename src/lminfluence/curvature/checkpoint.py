@@ -18,6 +18,9 @@ Under ``torch.distributed`` each rank checkpoints its own shard's sums in
 ``checkpoint/rank-R-of-W/``. A rank killed after the collective end of a pass
 but before saving it restarts one pass behind the others: ``agree`` hands it
 the finished passes' state (the same on every rank) from a rank ahead.
+With layer-owned factors (``InStepCheckpoint``) the ranks' checkpoints are
+valid only together: the ranks save at the same batches, each keeps its
+previous checkpoint too, and all resume from the latest one every rank holds.
 
 For tests, ``LMINFLUENCE_TEST_KILL_AT=batch:K`` makes the process kill itself
 (SIGKILL) after the K-th batch it accumulates, ``checkpoint:K`` in the middle
@@ -124,23 +127,37 @@ class FitCheckpoint:
 
     def restore(self, curvature: Curvature) -> Progress | None:
         """Load the checkpoint into ``curvature``; None (and the stale files removed) when there is none for this key."""
-        path = self.directory / CHECKPOINT_FILE
-        if not path.is_file():
+        meta = self._read()
+        if meta is None:
             return None
         try:
-            meta = json.loads(path.read_text())
-            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != self.key:
-                logger.info("ignoring the checkpoint in %s: it belongs to other inputs (model, data or settings)", self.directory)
-                self.clear()
-                return None
             flat = load_file(str(self.directory / meta["file"]))
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             logger.warning("ignoring an unreadable checkpoint in %s (%s)", self.directory, e)
             self.clear()
             return None
-        curvature.load_state_dict(flat, meta.get("shared_a") or {})
-        curvature.dtype = getattr(torch, meta["dtype"]) if meta.get("dtype") else None
-        progress = Progress(**meta["progress"])
+        return self._apply(curvature, meta, flat)
+
+    def _read(self) -> dict[str, Any] | None:
+        """The checkpoint's json when it belongs to this key (else None, the stale files removed)."""
+        path = self.directory / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("format") == CHECKPOINT_FORMAT and meta.get("key") == self.key:
+                return meta
+            logger.info("ignoring the checkpoint in %s: it belongs to other inputs (model, data or settings)", self.directory)
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring an unreadable checkpoint in %s (%s)", self.directory, e)
+        self.clear()
+        return None
+
+    def _apply(self, curvature: Curvature, entry: Mapping[str, Any], flat: Mapping[str, torch.Tensor]) -> Progress:
+        """Load one saved state (``flat``, the tensors of a json entry: file, shared_a, dtype, progress) into ``curvature``."""
+        curvature.load_state_dict(flat, entry.get("shared_a") or {})
+        curvature.dtype = getattr(torch, entry["dtype"]) if entry.get("dtype") else None
+        progress = Progress(**entry["progress"])
         logger.info("resuming the fit from its checkpoint: pass %d, sequence %d", progress.pass_index + 1, progress.start)
         return progress
 
@@ -154,22 +171,82 @@ class FitCheckpoint:
         name = f"state-{self.saves:06d}-{os.getpid()}.safetensors"
         _write_tensors(self.directory / name, curvature)
         test_kill("checkpoint", self.saves)
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "key": self.key,
+        entry = {
             "file": name,
             "shared_a": curvature.shared_a,
             "dtype": str(curvature.dtype).removeprefix("torch.") if curvature.dtype is not None else None,
             "progress": asdict(progress),
         }
-        atomic_write_json(self.directory / CHECKPOINT_FILE, meta)
-        for old in self.directory.glob("state-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        self._commit(curvature, entry)
         self.last = time.monotonic()
+
+    def _commit(self, curvature: Curvature, entry: dict[str, Any]) -> None:
+        atomic_write_json(self.directory / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "key": self.key, **entry})
+        self._drop_states(keep={entry["file"]})
+
+    def _drop_states(self, keep: set[str]) -> None:
+        for old in self.directory.glob("state-*.safetensors"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class InStepCheckpoint(FitCheckpoint):
+    """The per-rank checkpoints of a fit with layer-owned factors (``placement``): valid only together.
+
+    Each rank's sums hold every rank's captures of the rank's own layers, so the
+    ranks must resume from the same batch. They save at the same batches (rank
+    0's clock decides, ``due`` is a collective), number their checkpoints alike
+    (``generation``) and each keeps its previous one besides its latest: a rank
+    killed while saving leaves the others at most one checkpoint ahead, and
+    ``restore`` (a collective) loads on every rank the latest generation that
+    every rank holds. The owners of the layers are saved with the state.
+    """
+
+    def __init__(self, directory: Path, key: str, interval: float) -> None:
+        super().__init__(directory, key, interval)
+        self.current: dict[str, Any] | None = None  # the entry this rank resumed from or saved last
+
+    def due(self) -> bool:
+        """Rank 0's ``due`` on every rank (a collective: call it on every rank after each batch)."""
+        return bool(dist.broadcast_object(super().due() if dist.is_main() else None, 0))
+
+    def restore(self, curvature: Curvature) -> Progress | None:
+        """Load the latest generation that every rank holds (a collective); None on every rank when there is none."""
+        meta = self._read()
+        saved: list[dict[str, Any]] = [e for e in (meta, (meta or {}).get("previous")) if e]
+        entries = [{k: v for k, v in e.items() if k not in ("format", "key", "previous")} for e in saved]
+        held = dist.all_gather_objects([e.get("generation") for e in entries])
+        common = set(held[0]).intersection(*held[1:])
+        common.discard(None)
+        entry = next((e for e in entries if e.get("generation") == max(common)), None) if common else None
+        flat, error = None, None
+        if entry is not None:
+            try:
+                flat = load_file(str(self.directory / entry["file"]))
+            except (OSError, ValueError, SafetensorError) as e:
+                error = f"{type(e).__name__}: {e}"
+        outcomes = dist.all_gather_objects((error, entry.get("owners") if entry else None))
+        failed = [f"rank {r}: {err}" for r, (err, _) in enumerate(outcomes) if err]
+        if entry is None or failed or any(owners != outcomes[0][1] for _, owners in outcomes):
+            if meta is not None:
+                logger.warning("the ranks' checkpoints do not resume together (%s): the fit starts over", "; ".join(failed) or "no common one")
+            self.clear()
+            self.current = None
+            return None
+        progress = self._apply(curvature, entry, flat or {})
+        curvature.own(entry["owners"], dist.rank())
+        self.current = entry
+        return progress
+
+    def _commit(self, curvature: Curvature, entry: dict[str, Any]) -> None:
+        previous = self.current
+        entry.update(generation=(previous["generation"] + 1) if previous else 1, owners=curvature.owners)
+        atomic_write_json(self.directory / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "key": self.key, **entry, "previous": previous})
+        self._drop_states(keep={entry["file"]} | ({previous["file"]} if previous else set()))
+        self.current = entry
 
 
 def agree(curvature: Curvature, progress: Progress | None) -> Progress | None:
@@ -205,4 +282,7 @@ def agree(curvature: Curvature, progress: Progress | None) -> Progress | None:
     return Progress(pass_index=ahead, batch_size=batch_size)
 
 
-__all__ = ["FitCheckpoint", "Progress", "agree", "checkpoint_dir", "examples_digest", "fit_key", "test_kill", "CHECKPOINT_DIR", "KILL_ENV", "KILL_RANK_ENV"]
+__all__ = [
+    "FitCheckpoint", "InStepCheckpoint", "Progress", "agree", "checkpoint_dir", "examples_digest", "fit_key", "test_kill",
+    "CHECKPOINT_DIR", "KILL_ENV", "KILL_RANK_ENV",
+]  # fmt: skip

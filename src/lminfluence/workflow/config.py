@@ -172,7 +172,7 @@ class FitSection(Composite):
     factors: FactorConfig = field(default_factory=FactorConfig)
     execution: Execution = field(default_factory=Execution)
 
-    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib", "memory_gib", "checkpoint_seconds"))}
+    PARTS = {"factors": (FactorConfig, None), "execution": (Execution, ("batch_size", "cache_gib", "memory_gib", "checkpoint_seconds", "factor_placement"))}
     FLAGS = {"batch_size": "--fit-batch-size"}
 
 

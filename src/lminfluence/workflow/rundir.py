@@ -64,7 +64,9 @@ def _remove(path: Path) -> None:
 
 
 # options of how a stage runs, which change none of its results (Execution's fields, the scan's chunk size)
-EXECUTION_KEYS = frozenset({"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors"})
+EXECUTION_KEYS = frozenset(
+    {"batch_size", "query_batch_size", "cache_gib", "chunk_size", "memory_gib", "checkpoint_seconds", "offload_factors", "factor_placement"}
+)
 
 
 class RunDir:
