@@ -288,11 +288,13 @@ def markdown(summary: dict[str, Any]) -> str:
             overlap = f"{span(cl['overlap'], pct)} within groups, {span(c['unrelated_overlap'], pct)} across groups"
             lines.append(f"\nOverlap of the top {cl['k']}: {overlap}. Paper: {PAPER['crosslingual']}.")
     lines += ["", "## Sizes and time", "", "| | " + " | ".join(LABELS.get(m, m) for m in models) + " |", "|---|" + "---|" * len(models)]
+    lines.append("| corpus sequences (tokens) | " + " | ".join(f"{s['corpus']['sequences']} ({s['corpus']['tokens']})" for s in models.values()) + " |")
     lines.append("| fit sequences (tokens) | " + " | ".join(f"{s['fit']['sequences']} ({s['fit']['tokens']})" for s in models.values()) + " |")
     lines.append("| pool scored per query (tokens) | " + " | ".join(f"{s['pool']['size']} ({s['pool']['tokens']})" for s in models.values()) + " |")
     for step in ("corpus", "fit", "score", "analyze", "report"):
         lines.append(f"| {step} (s) | " + " | ".join(f"{s['steps'].get(step, {}).get('seconds', '–')}" for s in models.values()) + " |")
     lines.append("| all steps (min) | " + " | ".join(f"{sum(v['seconds'] for v in s['steps'].values()) / 60:.1f}" for s in models.values()) + " |")
+    lines.append("| wall, model load included (min) | " + " | ".join(f"{s['wall_seconds'] / 60:.1f}" if s.get("wall_seconds") else "–" for s in models.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
