@@ -27,7 +27,8 @@ the ``gguf`` and ``dev`` extras (matplotlib comes with ``powerlaw``).
 
 Usage::
 
-    nice -n 10 python benchmarks/paper_study.py                  # the whole study (steps of 38 + 20 min on a busy 2-core machine)
+    nice -n 5 python benchmarks/paper_study.py --models smollm2 --threads 1 &   # the whole study, the two models side by side:
+    nice -n 5 python benchmarks/paper_study.py --models gemma --threads 1       # 44 and 47 min on a busy 2-core machine
     python benchmarks/paper_study.py --quick --out runs/ps-quick # toy sizes, a smoke check (a few minutes)
     python benchmarks/paper_study.py --models smollm2            # one model
     python benchmarks/paper_study.py --summary-only              # results.md and figures again from finished runs

@@ -346,8 +346,12 @@ def figures(out: Path, names: list[str], folder: Path) -> list[Path]:
 
     panels = [(m, g) for m, run in runs.items() for g in group_matrices(run)]  # one panel per group of 3+ languages
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.6), squeeze=False)
-        for ax, (m, g) in zip(axes[0], panels):
+        cols = min(len(panels), 2)  # two panels a row, so that the figure stays readable at the page's width
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.ravel()[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (m, g) in zip(axes.ravel(), panels):
             langs, mat, k = group_matrices(runs[m])[g]
             im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=1.0)
             for (a, b), x in np.ndenumerate(mat):
