@@ -294,7 +294,8 @@ def markdown(summary: dict[str, Any]) -> str:
     for step in ("corpus", "fit", "score", "analyze", "report"):
         lines.append(f"| {step} (s) | " + " | ".join(f"{s['steps'].get(step, {}).get('seconds', '–')}" for s in models.values()) + " |")
     lines.append("| all steps (min) | " + " | ".join(f"{sum(v['seconds'] for v in s['steps'].values()) / 60:.1f}" for s in models.values()) + " |")
-    lines.append("| wall, model load included (min) | " + " | ".join(f"{s['wall_seconds'] / 60:.1f}" if s.get("wall_seconds") else "–" for s in models.values()) + " |")
+    walls = [f"{s['wall_seconds'] / 60:.1f}" if s.get("wall_seconds") else "–" for s in models.values()]
+    lines.append("| wall, model load included (min) | " + " | ".join(walls) + " |")
     return "\n".join(lines) + "\n"
 
 
