@@ -27,7 +27,8 @@ the ``gguf`` and ``dev`` extras (matplotlib comes with ``powerlaw``).
 
 Usage::
 
-    nice -n 10 python benchmarks/paper_study.py                  # the whole study (steps of 38 + 20 min on a busy 2-core machine)
+    nice -n 5 python benchmarks/paper_study.py --models smollm2 --threads 1 &   # the whole study, the two models side by side:
+    nice -n 5 python benchmarks/paper_study.py --models gemma --threads 1       # 44 and 47 min on a busy 2-core machine
     python benchmarks/paper_study.py --quick --out runs/ps-quick # toy sizes, a smoke check (a few minutes)
     python benchmarks/paper_study.py --models smollm2            # one model
     python benchmarks/paper_study.py --summary-only              # results.md and figures again from finished runs
@@ -56,14 +57,12 @@ from study.corpus import mixed_documents, multilingual_documents  # noqa: E402
 from study.pipeline import Sizes, run_study  # noqa: E402
 from study.queries import SMOLLM2_PAIRS, SMOLLM2_QUERIES, bible_queries, capital_queries, check_queries, help_queries  # noqa: E402
 
-# sizes that fit the whole study in about an hour on 2 cores shared with other jobs (docs/analyses.md compares them with the paper's)
-SMOLLM2 = {"sizes": Sizes(length=96, fit=32, candidates=4, background=100, rank=32, top=4), "per_source": 400}
-# Gemma (its 262k-token vocabulary makes each token ~3x SmolLM2's cost) at the smoke check's corpus and factors, with three query groups
-GEMMA = {
-    "sizes": Sizes(length=48, fit=8, candidates=3, background=120, rank=32, top=3), "windows": 40, "pages": 6,
-    "groups": ("capital-france", "Gen.1.1", "Ps.23.1", "help-0:table_insert"),
-}  # fmt: skip
-QUICK = {"sizes": Sizes(length=48, fit=8, candidates=3, background=24, rank=8, top=2), "per_source": 40, "windows": 40, "pages": 6}
+# sizes measured to fit the whole study in an hour on a 2-core machine shared with other jobs, each model on one thread
+# (docs/analyses.md gives the measured times and compares the sizes with the paper's)
+SMOLLM2 = {"sizes": Sizes(length=64, fit=256, candidates=8, background=250, rank=32, top=4), "per_source": 900, "per_doc": 10}
+# Gemma: its own aligned corpus of about 1,200 sequences (160 Bible windows in two languages, 50 help pages in five)
+GEMMA = {"sizes": Sizes(length=64, fit=64, candidates=5, background=250, rank=32, top=3), "windows": 160, "pages": 50}
+QUICK = {"sizes": Sizes(length=48, fit=8, candidates=3, background=24, rank=8, top=2), "per_source": 40, "per_doc": 3, "windows": 40, "pages": 6}
 
 
 def smollm2_study(out: Path, cache: Path, quick: bool, memory_gib: float | None) -> dict:
@@ -76,7 +75,7 @@ def smollm2_study(out: Path, cache: Path, quick: bool, memory_gib: float | None)
         queries = [q for q in queries if q["id"] in ("capital-france", "kjv-genesis", "add", "code-add", "switch-off", "py-def")]
         pairs = [p for p in pairs if p["query_id"] in {q["id"] for q in queries}]
     check_queries(queries, pairs)
-    docs, sources = mixed_documents(tokenizer, cache, cfg["per_source"], cfg["sizes"].length, seed=cfg["sizes"].seed)
+    docs, sources = mixed_documents(tokenizer, cache, cfg["per_source"], cfg["sizes"].length, cfg["per_doc"], seed=cfg["sizes"].seed)
     logging.info("smollm2: %d documents from %s", len(docs), ", ".join(sources))
     data = run_study("smollm2", out / "smollm2", gguf, model, tokenizer, docs, queries, pairs, cfg["sizes"], memory_gib)
     data["sources"] = sources

@@ -288,11 +288,14 @@ def markdown(summary: dict[str, Any]) -> str:
             overlap = f"{span(cl['overlap'], pct)} within groups, {span(c['unrelated_overlap'], pct)} across groups"
             lines.append(f"\nOverlap of the top {cl['k']}: {overlap}. Paper: {PAPER['crosslingual']}.")
     lines += ["", "## Sizes and time", "", "| | " + " | ".join(LABELS.get(m, m) for m in models) + " |", "|---|" + "---|" * len(models)]
+    lines.append("| corpus sequences (tokens) | " + " | ".join(f"{s['corpus']['sequences']} ({s['corpus']['tokens']})" for s in models.values()) + " |")
     lines.append("| fit sequences (tokens) | " + " | ".join(f"{s['fit']['sequences']} ({s['fit']['tokens']})" for s in models.values()) + " |")
     lines.append("| pool scored per query (tokens) | " + " | ".join(f"{s['pool']['size']} ({s['pool']['tokens']})" for s in models.values()) + " |")
     for step in ("corpus", "fit", "score", "analyze", "report"):
         lines.append(f"| {step} (s) | " + " | ".join(f"{s['steps'].get(step, {}).get('seconds', '–')}" for s in models.values()) + " |")
     lines.append("| all steps (min) | " + " | ".join(f"{sum(v['seconds'] for v in s['steps'].values()) / 60:.1f}" for s in models.values()) + " |")
+    walls = [f"{s['wall_seconds'] / 60:.1f}" if s.get("wall_seconds") else "–" for s in models.values()]
+    lines.append("| wall, model load included (min) | " + " | ".join(walls) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,8 +347,12 @@ def figures(out: Path, names: list[str], folder: Path) -> list[Path]:
 
     panels = [(m, g) for m, run in runs.items() for g in group_matrices(run)]  # one panel per group of 3+ languages
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.6), squeeze=False)
-        for ax, (m, g) in zip(axes[0], panels):
+        cols = min(len(panels), 2)  # two panels a row, so that the figure stays readable at the page's width
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.ravel()[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (m, g) in zip(axes.ravel(), panels):
             langs, mat, k = group_matrices(runs[m])[g]
             im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=1.0)
             for (a, b), x in np.ndenumerate(mat):
