@@ -1,5 +1,7 @@
 """How factors are stored: shared A of gate/up, block-diagonal A and S, float32 storage, lazy loading."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import lminfluence as li
 from helpers import allclose_report, dense_basis, random_queries, random_sequences, tiny_gpt2, tiny_llama
 from lminfluence.curvature import math as cm
 from lminfluence.curvature.base import LazyLayer
+from lminfluence.errors import StaleError
 
 GATE, UP, DOWN = "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
 
@@ -131,6 +134,22 @@ def test_lazy_factors_score_identically_and_hold_nothing(llama_fit, tmp_path):
         a = li.compute_scores(model, factors, queries, train, cfg, execution=ex).total
         b = li.compute_scores(model, lazy, queries, train, cfg, execution=ex).total
         assert torch.equal(a, b)
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # Linux: the file is not left mapped (its pages read would stay resident in the process)
+        assert str(tmp_path / "f") not in maps.read_text()
+
+
+def test_lazy_factors_refuse_a_file_replaced_under_them(llama_fit, tmp_path):
+    """Lazy factors read their file at each use: a file replaced since the load (a new fit saved
+    to the same place) is refused with StaleError instead of mixing two fits' layers.
+    """
+    model, train, factors = llama_fit
+    factors.save(tmp_path / "f")
+    lazy = li.load_factors(tmp_path / "f", model=model, lazy=True)
+    refit = li.fit_factors(model, train[:3], execution=li.Execution(batch_size=3, cache_gib=0))
+    refit.save(tmp_path / "f")
+    with pytest.raises(StaleError, match="changed after its factors were loaded"):
+        li.compute_scores(model, lazy, random_queries(1), train, execution=li.Execution(batch_size=4, query_batch_size=1))
 
 
 def test_sampled_labels_do_not_depend_on_the_batch_size():
