@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .allocator import steady_heap
 from .errors import InputError
 from .hooks.collector import Collector, LayerCapture
 from .progress import progress
@@ -164,6 +165,8 @@ def run_pass(
     Run it inside ``tracking`` (eval mode, gradients on, hooks registered).
     """
     device = model_device(model)
+    if device.type == "cpu":
+        steady_heap()  # freed tensors go back to the system: the heap must not grow batch after batch
     total = num_examples(data)
     if loss_kind == "sampled" and seed is None:
         raise ValueError("sampled labels need a seed")
