@@ -153,7 +153,9 @@ def precondition_queries(
     pre = make_preconditioner(model, factors, dampings, config.query_rank, task, curvature_data, config, batch_size)
     with tracking(model, modules) as col:
         for bc in run_pass(model, task, col, queries, _size(execution.query_batch_size), "measurement", autocast=half_autocast(model), desc="queries"):
-            pre.add({n: c for n, c in bc.captures.items() if n in dampings})
+            for name in [n for n in bc.captures if n not in dampings]:
+                del bc.captures[name]
+            pre.add(bc.captures)  # the batch's own dict: what the preconditioner takes out of it is freed
     result = pre.result()  # LiSSA runs the model itself: only once the hooks are gone
     if meta is not None:
         meta.update(pre.describe())

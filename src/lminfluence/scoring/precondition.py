@@ -35,7 +35,7 @@ class QueryPreconditioner(Protocol):
     """Turns the queries' captures into preconditioned gradients, one batch of queries at a time."""
 
     def add(self, captures: dict[str, LayerCapture]) -> None:
-        """Take one batch of query captures (ā [B, T, I], ds [B, T, O] per layer; ds of g = -f)."""
+        """Take one batch of query captures (ā [B, T, I], ds [B, T, O] per layer; ds of g = -f); it may empty the dict."""
 
     def result(self) -> dict[str, LayerQueries]:
         """Every layer's preconditioned gradients of all queries added, in order."""
@@ -60,8 +60,12 @@ class LayerwisePreconditioner:
         self.parts: dict[str, list[LayerQueries]] = {n: [] for n in dampings}
 
     def add(self, captures: dict[str, LayerCapture]) -> None:
-        for name, cap in captures.items():
+        # each layer's captures are taken out of the dict once used, so that they are freed while the
+        # preconditioned gradients grow (a batch's captures of every layer weigh as much as a few layers' P)
+        for name in list(captures):
+            cap = captures.pop(name)
             self.parts[name].append(LayerQueries.precondition(self.curvature, name, cap.a, cap.ds, self.dampings[name], self.rank))
+            del cap
 
     def result(self) -> dict[str, LayerQueries]:
         # one layer at a time, its parts released as they are joined: never two copies of every layer
