@@ -94,7 +94,8 @@ def test_what_only_buys_speed_takes_a_share_of_the_automatic_budget(monkeypatch)
     whole free RAM on them made a real model's fit peak at 18 GB where 4 GB did the same work.
     The budget is pinned (what the process holds, 64 MiB, plus a chosen free RAM), so the
     expected sizes are exact: 3.5 sequences' activations in the batch's share give batches of 3,
-    training and query ones (the token cap alone gives 8), and a budget 10 % short of four times the cache drops it.
+    training and query ones (the token cap alone gives 8), a budget 10 % short of four times the cache drops
+    it, and a work cap of 2.5 sequences' passes gives training batches of 3.
     """
     import sys
 
@@ -116,6 +117,11 @@ def test_what_only_buys_speed_takes_a_share_of_the_automatic_budget(monkeypatch)
     without = planned(0.9 * cache / memory.CACHE_SHARE)
     assert without.fits and without.cache_bytes == 0 and without.stages["fit"].peak + cache <= without.budget  # it would fit
     assert planned(1.1 * cache / memory.CACHE_SHARE).cache_bytes == cache
+    # on a CPU a batch also stops growing once its work (6 × parameters × tokens) makes per-batch costs negligible
+    params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setitem(planning.WORK_PER_BATCH, "cpu", 6 * params * 128 * 2.5)
+    worked = planned(2**34)
+    assert worked.fit_batch_size == worked.score_batch_size == 3
 
 
 def test_fit_and_scores_at_automatic_sizes_equal_explicit_ones():

@@ -16,7 +16,8 @@
 
 Batch sizes left at None in ``Execution`` are the largest whose peak fits the
 budget, up to a number of tokens per batch beyond which batches are no faster
-per token (``TOKENS_PER_BATCH``) and to activations of at most ``BATCH_SHARE``
+per token (``TOKENS_PER_BATCH``; on a CPU also ``WORK_PER_BATCH``, the work that makes
+per-batch fixed costs negligible) and to activations of at most ``BATCH_SHARE``
 of the budget (larger batches buy no speed and would crowd out the query
 gradients). EK-FAC's capture cache, a speed-up only, is kept when it takes at
 most ``CACHE_SHARE`` of the budget. The budget is ``Execution.memory_gib`` or
@@ -36,6 +37,7 @@ from .plan import (
     BATCH_SHARE,
     CACHE_SHARE,
     TOKENS_PER_BATCH,
+    WORK_PER_BATCH,
     Plan,
     Stage,
     headroom,
@@ -58,6 +60,7 @@ __all__ = [
     "available_bytes",
     "synthetic_example",
     "TOKENS_PER_BATCH",
+    "WORK_PER_BATCH",
     "BATCH_SHARE",
     "CACHE_SHARE",
 ]

@@ -25,6 +25,12 @@ MAX_QUERY_BATCH = 64
 # 4,000). Every stage uses the same size: rank-R scoring must not run smaller, slower batches
 # than full rank.
 TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 16384}
+# Work per batch (about 6 × parameters × tokens for a forward and backward pass) beyond which a
+# CPU batch is no faster per token: the per-batch fixed costs (Python, hooks, per-layer calls)
+# are then under a few percent. A real model reaches it with one sequence (SmolLM2-135M: 207
+# GFLOP at 256 tokens, 20.9 / 21.8 / 23.5 ms per token with 1 / 2 / 4 sequences); a small one
+# needs the token cap's full batch (bench_core's 6M-parameter Llama: 8 sequences of 128).
+WORK_PER_BATCH = {"cpu": 64e9}
 # Shares of the budget that automatic sizes may spend on what only buys speed. A batch's
 # activations (of training sequences or of queries): past a few hundred tokens of a real model a batch is no faster per token
 # (SmolLM2-135M on CPU: 20.9, 21.8, 23.5 ms per token at 1, 2, 4 sequences of 256 tokens), so
@@ -355,11 +361,14 @@ def plan(
         num_sequences, seq_len, num_queries, query_len, example, query_example,
     )
     budget, source = memory_budget(device, execution, w.held)
+    params = sum(p.numel() for p in model.parameters())
 
     def cap(table: dict[str, int]) -> int:
         by_tokens = table.get(device.type, 1024) // max(seq_len, 1)
         by_memory = int(BATCH_SHARE * budget) // max(w.act, 1)
-        return max(1, min(num_sequences, by_tokens, by_memory))
+        work = WORK_PER_BATCH.get(device.type)
+        by_work = math.ceil(work / (6 * params * max(seq_len, 1))) if work else by_tokens
+        return max(1, min(num_sequences, by_tokens, by_memory, by_work))
 
     def largest(limit: int, fits) -> int:
         """The largest batch size up to ``limit`` that fits (or the one given)."""
@@ -446,4 +455,4 @@ def plan_for_data(
     )
 
 
-__all__ = ["plan", "plan_for_data", "Plan", "Stage", "memory_budget", "headroom", "TOKENS_PER_BATCH", "BATCH_SHARE", "CACHE_SHARE"]
+__all__ = ["plan", "plan_for_data", "Plan", "Stage", "memory_budget", "headroom", "TOKENS_PER_BATCH", "WORK_PER_BATCH", "BATCH_SHARE", "CACHE_SHARE"]
