@@ -6,6 +6,8 @@ import datetime
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -48,3 +50,17 @@ def run_ranks(fn: Callable, *args: Any, world: int = 2) -> list[tuple[str, Any]]
             with open(Path(out) / f"{r}.pkl", "rb") as f:
                 results.append(pickle.load(f))
     return results
+
+
+def torchrun_fit(script: Path, template: str, out: Path, kill: str | None = None, rank: int = 1) -> subprocess.CompletedProcess:
+    """``template`` (formatted with the tests' folder) written to ``script`` and run under ``torchrun --nproc-per-node 2``
+    with ``out`` as its argument; with ``kill``, rank ``rank`` SIGKILLs itself at that point of the fit."""
+    from lminfluence.curvature.checkpoint import KILL_ENV, KILL_RANK_ENV
+
+    script.write_text(template.format(tests=str(Path(__file__).resolve().parent)))
+    exe = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, KILL_RANK_ENV)}
+    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    if kill:
+        env.update({KILL_ENV: kill, KILL_RANK_ENV: str(rank)})
+    return subprocess.run([str(exe), "--nproc-per-node", "2", str(script), str(out)], capture_output=True, text=True, timeout=600, env=env)

@@ -8,15 +8,13 @@ rerun resumes every rank from the latest checkpoint all of them hold.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist_helpers import run_ranks
+from dist_helpers import run_ranks, torchrun_fit
 
 
 class _Stub:
@@ -115,16 +113,7 @@ li.distributed.shutdown()
 
 def fit_under_torchrun(tmp_path: Path, out: Path, kill: str | None = None) -> subprocess.CompletedProcess:
     """The by_layer fit of ``FIT`` under ``torchrun --nproc-per-node 2``; with ``kill``, rank 1 SIGKILLs itself there."""
-    from lminfluence.curvature.checkpoint import KILL_ENV, KILL_RANK_ENV
-
-    script = tmp_path / "fit.py"
-    script.write_text(FIT.format(tests=str(Path(__file__).resolve().parent)))
-    exe = Path(sys.executable).with_name("torchrun")
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, KILL_RANK_ENV)}
-    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    if kill:
-        env.update({KILL_ENV: kill, KILL_RANK_ENV: "1"})
-    return subprocess.run([str(exe), "--nproc-per-node", "2", str(script), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    return torchrun_fit(tmp_path / "fit.py", FIT, out, kill)
 
 
 def reports(stdout: str) -> list[dict]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dist_helpers import torchrun_fit
 from lminfluence.cli.main import main
 from lminfluence.storage import layout
 
@@ -79,16 +80,7 @@ li.distributed.shutdown()
 
 
 def fit_under_torchrun(tmp_path: Path, out: Path, kill: str | None = None, rank: int = 1) -> subprocess.CompletedProcess:
-    from lminfluence.curvature.checkpoint import KILL_ENV, KILL_RANK_ENV
-
-    script = tmp_path / "fit.py"
-    script.write_text(FIT.format(tests=str(Path(__file__).resolve().parent)))
-    exe = Path(sys.executable).with_name("torchrun")
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, KILL_RANK_ENV)}
-    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    if kill:
-        env.update({KILL_ENV: kill, KILL_RANK_ENV: str(rank)})
-    return subprocess.run([str(exe), "--nproc-per-node", "2", str(script), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    return torchrun_fit(tmp_path / "fit.py", FIT, out, kill, rank)
 
 
 @pytest.fixture(scope="module")
