@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -28,24 +29,21 @@ logger = logging.getLogger(__name__)
 
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-_state: dict[str, bool] = {}
 
 
+@functools.cache
 def steady_heap() -> bool:
     """Pin glibc's mmap threshold at ``MMAP_THRESHOLD`` (once per process). True when it is pinned."""
-    if "done" in _state:
-        return _state["done"]
-    done = False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        done = True  # the user's own setting rules (glibc read it at start)
-    elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            done = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-        except (OSError, AttributeError):
-            done = False
-        logger.debug("glibc mmap threshold pinned at %d bytes: %s", MMAP_THRESHOLD, done)
-    _state["done"] = done
+        return True  # the user's own setting rules (glibc read it at start)
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        done = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        done = False
+    logger.debug("glibc mmap threshold pinned at %d bytes: %s", MMAP_THRESHOLD, done)
     return done
 
 

@@ -31,11 +31,9 @@ TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 16384}
 # GFLOP at 256 tokens, 20.9 / 21.8 / 23.5 ms per token with 1 / 2 / 4 sequences); a small one
 # needs the token cap's full batch (bench_core's 6M-parameter Llama: 8 sequences of 128).
 WORK_PER_BATCH = {"cpu": 64e9}
-# Shares of the budget that automatic sizes may spend on what only buys speed. A batch's
-# activations (of training sequences or of queries): past a few hundred tokens of a real model a batch is no faster per token
-# (SmolLM2-135M on CPU: 20.9, 21.8, 23.5 ms per token at 1, 2, 4 sequences of 256 tokens), so
-# a batch need not crowd out the query gradients and factors. EK-FAC's capture cache (it saves
-# recomputing the first pass in the second, about a third of the fit): only when it is small.
+# Shares of the budget that automatic sizes may spend on what only buys speed, so that it does
+# not crowd out what a stage needs (query gradients, factors): a batch's activations (training
+# or query) and EK-FAC's capture cache (it saves recomputing the first pass in the second).
 BATCH_SHARE = 1 / 16
 CACHE_SHARE = 1 / 4
 HELD = "held now (model, runtime, loaded data)"

@@ -65,7 +65,6 @@ class LayerwisePreconditioner:
         for name in list(captures):
             cap = captures.pop(name)
             self.parts[name].append(LayerQueries.precondition(self.curvature, name, cap.a, cap.ds, self.dampings[name], self.rank))
-            del cap
 
     def result(self) -> dict[str, LayerQueries]:
         # one layer at a time, its parts released as they are joined: never two copies of every layer
