@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -60,7 +61,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent / "src"))
     import lminfluence as li  # noqa: E402
-from indexbench.setups import SETUPS, fit_or_load  # noqa: E402
+from indexbench.setups import SETUPS, every_nth_block, fit_or_load  # noqa: E402
 from indexbench.sweep import Sweep, fidelity  # noqa: E402
 
 from lminfluence.index import GradientIndex, IndexConfig, build_index, score_with_index  # noqa: E402
@@ -89,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reductions", default="12.5,25,50,100,200,400", help="sizes compared: 1/reduction of the full gradient")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--blocks-every", type=int, default=1, help="track the layers of every N-th transformer block only (smollm2; the factors of the others are dropped)")
+    parser.add_argument("--keep-m", action="store_true", help="keep the queries' preconditioned gradients of every layer in memory (Q × the gradient) instead of recomputing them per batch")
     parser.add_argument("--rescan-rank", type=int, default=0, help="query rank of the timed rescan (0: full rank, whose dense queries hold Q × the gradient)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the passes' progress lines off a terminal
     reductions = [float(r) for r in args.reductions.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     execution = li.Execution(batch_size=args.batch_size, query_batch_size=16)
@@ -103,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     timing_queries = queries[:16]
     print(f"{setup.description}; {len(train)} training sequences, {len(queries)} queries; torch {torch.__version__}, {torch.get_num_threads()} threads")
     factors, fit_s = fit_or_load(model, setup.fit_data, args.workdir / f"{args.model}-factors", execution)
-    print(f"factors: ekfac on {factors.num_sequences} sequences ({fit_s:.0f} s)")
+    if args.blocks_every > 1:
+        every_nth_block(factors, args.blocks_every)
+    print(f"factors: ekfac on {factors.num_sequences} sequences ({fit_s:.0f} s); {len(factors.layers)} tracked layers")
 
     # ---- the rescan: compute_scores over the whole corpus for 16 new queries (timed) ----
     # rank-R: the paper's query batching, projected per token (never expanded to dense queries, which hold Q × the gradient)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- one pass: the default index written, every compression at every size measured alongside ----
     default = IndexConfig()
-    sweep = Sweep(model, factors, queries, methods, reductions, default.dtype, execution)
+    sweep = Sweep(model, factors, queries, methods, reductions, default.dtype, execution, keep_m=args.keep_m)
     full_bytes = sweep.full_bytes
     print(f"full per-sequence gradient of the tracked layers: {full_bytes:,} bytes in {default.dtype}")
     index_dir = args.workdir / f"{args.model}-index"
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep.table()
     out = {
         "model": args.model, "description": setup.description, "sequences": len(train), "queries": len(queries),
+        "tracked_layers": len(factors.layers), "blocks_every": args.blocks_every,
         "full_bytes_per_sequence": full_bytes, "rows": rows, "build_s": build_s, "rescan_s": rescan_s,
         "reference_check": check, "fit_s": fit_s,
     }  # fmt: skip

@@ -202,3 +202,24 @@ def test_topk_positions_survive_their_two_byte_encoding():
     assert torch.equal(codec.positions(arrays), idx.sort(dim=1).values)
     assert torch.equal(arrays["values"], r.gather(1, idx.sort(dim=1).values))
     assert ((idx >= 1 << 16).any(1) & (idx < 1 << 16).any(1)).all()  # both blocks used by every row
+
+
+def test_topk_score_by_blocks_equals_the_dense_product():
+    """eigen_topk's score permutes the kept entries block by block (2¹⁶ positions each) and multiplies each
+    block's sparse rows with the queries' rows of that block: it equals Σ_p M_q[p] R_z[p] over the kept
+    positions, in float64, with blocks that some sequences leave empty and a last block cut short."""
+    codec = make_codec("eigen_topk", 700, 400, 10.0, 2)  # 280,000 positions: 5 blocks, the last of 17,856
+    assert codec.blocks == 5
+    g = torch.Generator().manual_seed(1)
+    D, split = 700 * 400, 2 << 16
+    r = torch.randn(7, D, generator=g, dtype=torch.float64)
+    late = [split + torch.randperm(D - split, generator=g)[: codec.k] for _ in range(6)]  # blocks 2 to 4 only
+    early = torch.randperm(split, generator=g)[: codec.k]  # blocks 0 and 1 only
+    arrays = codec.arrays(r, torch.stack([*late, early]))
+    counts = arrays["count"]
+    assert (counts[:6, :2] == 0).all() and (counts[6, 2:] == 0).all() and (counts[:6, 4] > 0).all()
+    m = torch.randn(3, D, generator=g, dtype=torch.float64)
+    kept = torch.zeros_like(r).scatter_(1, codec.positions(arrays), arrays["values"])
+    prepared = codec.join([m[:2].T.contiguous(), m[2:].T.contiguous()])  # what prepare gives: [O·I, Q]
+    expected = m @ kept.T
+    torch.testing.assert_close(codec.score(prepared, arrays), expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))

@@ -92,6 +92,22 @@ def smollm2(args) -> Setup:
 SETUPS = {"demo": demo, "smollm2": smollm2}
 
 
+def every_nth_block(factors: li.Factors, every: int) -> None:
+    """Keep the tracked layers of every ``every``-th transformer block (0, every, 2·every, …), in place.
+
+    The factors of the other layers are dropped; a kept layer's shared A factor belongs to its own block.
+    """
+    cur = factors.curvature
+    keep = {n for n in cur.layers if int(n.split(".layers.")[1].split(".")[0]) % every == 0}
+    if any(n in keep and o not in keep for n, o in cur.shared_a.items()):
+        raise SystemExit("a kept layer shares its A factor with a dropped one")
+    cur.layers = {n: i for n, i in cur.layers.items() if n in keep}
+    cur.state = {n: s for n, s in cur.state.items() if n in keep}
+    cur.shared_a = {n: o for n, o in cur.shared_a.items() if n in keep}
+    cur._bases.clear()
+    cur._means.clear()
+
+
 def fit_or_load(model, data, path: Path, execution) -> tuple[li.Factors, float]:
     """EK-FAC factors of ``model`` on ``data``: those saved at ``path`` when they match, else fitted and saved.
 

@@ -5,8 +5,10 @@ largest size and cut down (a per-sequence top-k is a prefix of the sorted
 top-k_max; a rank-r SVD a prefix of the rank-r_max one); R = Q_Sᵀ DW Q_A is
 computed once per batch and layer. Every stored array goes through the
 library's ``pack``/``unpack`` (float16 rounding included) and is scored by the
-library's codec. On the first batch each shortcut is checked against the
-codec's own ``encode``.
+library's codec, except the SVDs: their ranks are scored from one running
+reconstruction R̂_r (grown rank slice by rank slice, contracted at each size),
+where the codec would rebuild R̂ for every size. On the first batch each
+shortcut is checked against the codec's own ``encode`` and ``score``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lminfluence.index.plan import STORAGE_DTYPES, IndexPlan
 from lminfluence.passes import run_pass, tracking
 from lminfluence.scoring.pairwise import layer_dampings
 from lminfluence.task.causal_lm import CausalLMTask
+
+NESTED_RANKS = ("svd", "whitened_svd")  # methods whose sizes are prefixes of one factorisation
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -58,7 +62,7 @@ def fidelity(approx: np.ndarray, ref: np.ndarray, rescore: int = 50) -> dict[str
 class Sweep:
     """Scores of every (method, reduction) for the queries, filled in by ``observe`` during one training pass."""
 
-    def __init__(self, model, factors, queries, methods, reductions, dtype: str, execution) -> None:
+    def __init__(self, model, factors, queries, methods, reductions, dtype: str, execution, keep_m: bool = False) -> None:
         self.factors, self.methods, self.reductions = factors, methods, reductions
         self.dtype = STORAGE_DTYPES[dtype]
         self.plans = {(m, r): IndexPlan.of(factors, IndexConfig(method=m, reduction=r, dtype=dtype)) for m in methods for r in reductions}
@@ -70,14 +74,16 @@ class Sweep:
             for bc in run_pass(model, CausalLMTask(), col, queries, execution.query_batch_size, "measurement", desc="queries"):
                 batches.append({n: (c.a.detach(), c.ds.detach()) for n, c in bc.captures.items()})
         self.bases: dict[str, LayerBasis] = {}
-        self.query_batches = batches  # the queries' captures: M is recomputed per training batch (memory over time)
+        self.query_batches = batches  # the queries' captures: M is recomputed per training batch unless keep_m
+        self.keep_m, self._m = keep_m, {}
         self.dampings = dampings
         self.random_queries: dict[tuple[float, str], torch.Tensor] = {}
         for name in modules:
             self.bases[name] = LayerBasis.of(factors.curvature, name, batches[0][name][0])
+            grads = self.grads(name) if "random" in methods else []  # P of the queries computed once for every size
             for r in reductions if "random" in methods else ():
                 plan = self.plans[("random", r)]
-                self.random_queries[(r, name)] = torch.cat([plan.codecs[name].prepare(g, plan.aux[name]) for g in self.grads(name)])
+                self.random_queries[(r, name)] = torch.cat([plan.codecs[name].prepare(g, plan.aux[name]) for g in grads])
         # the queries' tokens rotated into the eigenbasis, once: M = (Σ_t x_t y_tᵀ) ⊘ (Λ + λ) is then cheap per batch
         self.query_tokens = {n: [self._rotate(n, a, ds) for a, ds in (b[n] for b in batches)] for n in modules}
         if "eigen_topk" in methods:  # one selection weight per layer, shared by every size
@@ -99,9 +105,14 @@ class Sweep:
         return (a, ds) if basis.q_a is None else (a @ basis.q_a, ds @ basis.q_s)
 
     def m(self, name: str) -> torch.Tensor:
-        """M = (Q_Sᵀ V Q_A) ⊘ (Λ + λ) of every query, [Q, O·I]."""
+        """M = (Q_Sᵀ V Q_A) ⊘ (Λ + λ) of every query, [Q, O·I]: kept once computed when ``keep_m`` (memory for time)."""
+        if name in self._m:
+            return self._m[name]
         denom = self.bases[name].lam + self.dampings[name]
-        return torch.cat([(sequence_gradients(a, ds) / denom).reshape(a.shape[0], -1) for a, ds in self.query_tokens[name]])
+        m = torch.cat([(sequence_gradients(a, ds) / denom).reshape(a.shape[0], -1) for a, ds in self.query_tokens[name]])
+        if self.keep_m:
+            self._m[name] = m
+        return m
 
     def _grow(self, n: int) -> None:
         if self.reference is None or self.reference.shape[1] < n:
@@ -122,7 +133,11 @@ class Sweep:
             r_full = sequence_gradients(a_rot, ds_rot).reshape(cap.a.shape[0], -1)  # R [B, O·I]
             self.reference[:, rows] += (m @ r_full.T).double().numpy()
             for (method, red), arrays, prepared in self._encodings(name, cap, basis, r_full, m, a_rot, ds_rot):
-                self.scores[(method, red)][:, rows] += self.plans[(method, red)].codecs[name].score(prepared, arrays).double().numpy()
+                if method in NESTED_RANKS:  # every rank's score from one running reconstruction
+                    for red_, score in self._nested_svd_scores(method, name, arrays, prepared):
+                        self.scores[(method, red_)][:, rows] += score.double().numpy()
+                else:
+                    self.scores[(method, red)][:, rows] += self.plans[(method, red)].codecs[name].score(prepared, arrays).double().numpy()
         self.checked = True
 
     def _encodings(self, name, cap, basis, r_full, m, a_rot, ds_rot):
@@ -140,10 +155,13 @@ class Sweep:
                 yield self._checked("eigen_topk", red, name, cap, basis, codec.arrays(r_full, top[:, : codec.k]), m_t)
         if "svd" in self.methods:
             codecs = {red: self.plans[("svd", red)].codecs[name] for red in self.reductions}
-            u, s, v = truncated_svd(a_rot, ds_rot, max(c.r for c in codecs.values()))  # the SVD of R: DW's, rotated
-            for red, codec in codecs.items():
+            big = max(codecs, key=lambda red: codecs[red].r)
+            u, s, v = truncated_svd(a_rot, ds_rot, codecs[big].r)  # the SVD of R: DW's, rotated
+            for red, codec in codecs.items():  # checked at every rank on the first batch
                 arrays = {"u": u[..., : codec.r], "s": s[:, : codec.r], "v": v[..., : codec.r]}
-                yield self._checked("svd", red, name, cap, basis, arrays, m)
+                if not self.checked:
+                    self._checked("svd", red, name, cap, basis, arrays, m)
+            yield self._checked("svd", big, name, cap, basis, {"u": u, "s": s, "v": v}, m)
         if "whitened_svd" in self.methods:
             codecs = {red: self.plans[("whitened_svd", red)].codecs[name] for red in self.reductions}
             big = max(codecs.values(), key=lambda c: c.r)
@@ -152,7 +170,9 @@ class Sweep:
             prepared = m / torch.outer(aux["alpha"], aux["beta"]).reshape(-1).to(m.dtype)  # the codec's prepare, from M
             for red, codec in codecs.items():
                 arrays = {"u": full["u"][..., : codec.r], "s": full["s"][:, : codec.r], "v": full["v"][..., : codec.r]}
-                yield self._checked("whitened_svd", red, name, cap, basis, arrays, prepared)
+                if not self.checked:
+                    self._checked("whitened_svd", red, name, cap, basis, arrays, prepared)
+            yield self._checked("whitened_svd", max(codecs, key=lambda red: codecs[red].r), name, cap, basis, full, prepared)
         if "random" in self.methods:
             for red in self.reductions:
                 plan = self.plans[("random", red)]
@@ -171,6 +191,29 @@ class Sweep:
             if err > 1e-2:
                 raise AssertionError(f"{method} 1/{red:g} {name}: the sweep's shortcut differs from the codec's encode by {err:.1e}")
         return (method, red), stored, prepared
+
+    def _nested_svd_scores(self, method, name, arrays, prepared):
+        """(reduction, scores [Q, B]) of every rank of ``method``, from the largest rank's stored factors.
+
+        Stored factors are elementwise roundings, so a rank-r codec's arrays are the first r columns of the
+        largest's; R̂_r = Σ_{j<r} σ_j u_j v_jᵀ is grown one slice of ranks at a time and contracted at each
+        rank (the codec's ``score`` would rebuild R̂ from scratch for every size).
+        """
+        u, s, v = arrays["u"].to(prepared.dtype), arrays["s"].to(prepared.dtype), arrays["v"].to(prepared.dtype)
+        by_rank = sorted(((self.plans[(method, red)].codecs[name].r, red) for red in self.reductions))
+        r_hat = torch.zeros(u.shape[0], u.shape[1], v.shape[1], dtype=prepared.dtype)
+        done = 0
+        for r, red in by_rank:
+            if r > done:
+                r_hat += (u[..., done:r] * s[:, None, done:r]) @ v[..., done:r].transpose(1, 2)
+                done = r
+            score = prepared @ r_hat.reshape(r_hat.shape[0], -1).T
+            if not self.checked:  # the running sum against the codec's own score of the rank-r prefix
+                own = self.plans[(method, red)].codecs[name].score(prepared, {"u": u[..., :r], "s": s[:, :r], "v": v[..., :r]})
+                err = float((own - score).abs().max() / own.abs().max().clamp_min(1e-30))
+                if err > 1e-4:
+                    raise AssertionError(f"{method} 1/{red:g} {name}: the nested score differs from the codec's by {err:.1e}")
+            yield red, score
 
     def table(self) -> list[dict]:
         n = self.n

@@ -25,6 +25,7 @@ Shapes: B sequences, T positions, O × I the layer, Q queries, k kept values, r 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +73,7 @@ class QueryGradients:
     def __init__(self, a: torch.Tensor, ds: torch.Tensor, basis: LayerBasis, damping: float) -> None:
         self.a, self.ds, self.basis, self.damping = a, ds, basis, damping
         self._m: torch.Tensor | None = None
+        self._p: torch.Tensor | None = None
 
     @property
     def m(self) -> torch.Tensor:
@@ -83,7 +85,9 @@ class QueryGradients:
     @property
     def p(self) -> torch.Tensor:
         """P = (G + λI)⁻¹ V in the parameter basis, [Q, O, I]."""
-        return self.basis.to_parameters(self.m)
+        if self._p is None:
+            self._p = self.basis.to_parameters(self.m)
+        return self._p
 
 
 def _dot(prepared: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -245,13 +249,40 @@ class EigenTopk(Codec):
         return torch.cat(parts, dim=1)
 
     def score(self, prepared, arrays):
-        values, idx = arrays["values"].to(prepared.dtype), self.positions(arrays)
+        """One sparse product per block of 2¹⁶ positions, so that the queries' rows it reads stay in cache.
+
+        A sequence's kept positions are ascending, hence grouped by block; the entries are permuted
+        block-major (block b of every sequence, sequence by sequence) and block b's entries, as a
+        CSR matrix [n, 2¹⁶], multiply the queries' rows of block b. Reading the rows at random over
+        all of O·I (tens of MB) instead is bound by memory latency: 7× slower measured on SmolLM2's
+        1536 × 576 layers.
+        """
+        values, offset, count = arrays["values"].to(prepared.dtype), arrays["offset"], arrays["count"].long()
         n, k = values.shape
-        out = []
-        for sl in cm.batch_chunks(n, prepared.shape[1] * k):
-            picked = prepared.index_select(0, idx[sl].reshape(-1)).view(-1, k, prepared.shape[1])  # [n', k, Q]
-            out.append(torch.bmm(values[sl].unsqueeze(1), picked).squeeze(1))  # [n', Q]
-        return torch.cat(out).T  # [Q, n]
+        device = prepared.device
+        # entry t of the block-major order is entry perm[t] of the row-major (stored) one
+        lens = count.T.reshape(-1)  # [blocks·n]: the length of each (block, sequence) segment
+        seg_start = (count.cumsum(1) - count + torch.arange(n, device=device)[:, None] * k).T.reshape(-1)
+        seg_first = lens.cumsum(0) - lens
+        perm = torch.repeat_interleave(seg_start - seg_first, lens, output_size=n * k) + torch.arange(n * k, device=device)
+        vals = values.reshape(-1)[perm]
+        cols = offset.reshape(-1)[perm].to(torch.int32) + (1 << 15)
+        crows = torch.cat([torch.zeros(1, self.blocks, dtype=torch.int64, device=device), count.cumsum(0)]).to(torch.int32)
+        totals = count.sum(0)
+        firsts = (totals.cumsum(0) - totals).tolist()
+        out = torch.zeros(n, prepared.shape[1], dtype=prepared.dtype, device=device)
+        for b, (first, total) in enumerate(zip(firsts, totals.tolist())):
+            if total == 0:
+                continue
+            rows = slice(b * self.BLOCK, min((b + 1) * self.BLOCK, prepared.shape[0]))
+            part = slice(first, first + total)
+            with warnings.catch_warnings():  # torch calls its CSR support "beta" on every first use; the result is tested
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+                block = torch.sparse_csr_tensor(
+                    crows[:, b].contiguous(), cols[part], vals[part], size=(n, rows.stop - rows.start), check_invariants=False
+                )
+            out += block @ prepared[rows]
+        return out.T  # [Q, n]
 
 
 class Svd(Codec):

@@ -103,8 +103,8 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def crc32(t: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes."""
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    """CRC-32 of a tensor's bytes (read in place: no copy)."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 @dataclass(frozen=True)
