@@ -32,7 +32,12 @@ Models:
 Usage::
 
     python benchmarks/bench_index.py --model demo
-    nice python benchmarks/bench_index.py --model smollm2 --sequences 2000 --json smol.json
+    python benchmarks/bench_index.py --model smollm2 --sequences 2000 --max-length 32 --fit-sequences 256 \
+        --rescan-rank 32 --blocks-every 3 --keep-m --methods eigen,eigen_topk,svd,random --reductions 25,50,100
+    python benchmarks/bench_index.py --model smollm2 --sequences 2000 --max-length 32 --fit-sequences 256 \
+        --rescan-rank 32 --blocks-every 3 --methods eigen_topk,svd,random --build-cost 256
+
+(docs/index.md gives what these measured.)
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks-every", type=int, default=1, help="track the layers of every N-th transformer block only (smollm2; the factors of the others are dropped)")
     parser.add_argument("--keep-m", action="store_true", help="keep the queries' preconditioned gradients of every layer in memory (Q × the gradient) instead of recomputing them per batch")
     parser.add_argument("--rescan-rank", type=int, default=0, help="query rank of the timed rescan (0: full rank, whose dense queries hold Q × the gradient)")
+    parser.add_argument("--build-cost", type=int, default=0, metavar="N",
+                        help="only time building each of --methods at 1/50 over the first N sequences (no measurements alongside) and answering 16 queries, against a rescan of them; then stop")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the passes' progress lines off a terminal
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the rescan: compute_scores over the whole corpus for 16 new queries (timed) ----
     # rank-R: the paper's query batching, projected per token (never expanded to dense queries, which hold Q × the gradient)
     rescan_config = li.ScoreConfig(query_rank=args.rescan_rank, algorithm="project") if args.rescan_rank else li.ScoreConfig()
+    if args.build_cost:
+        return build_cost(args, model, factors, subset(train, np.arange(min(args.build_cost, len(train)))), timing_queries, rescan_config, execution)
     rescan, rescan_s = timed(li.compute_scores, model, factors, timing_queries, train, rescan_config, execution=execution)
     rescan_scores = rescan.total.double().numpy()
     del rescan
@@ -165,6 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS {peak_rss_gib():.1f} GiB; total {time.perf_counter() - start:.0f} s")
     out.update({"rescan_fidelity": rescan_fidelity, "rescan_rank": args.rescan_rank, "index_on_disk": on_disk, "index_s": index_s,
                 "index_warm_s": index_warm_s, "speedup": rescan_s / index_s, "peak_rss_gib": peak_rss_gib()})  # fmt: skip
+    save(args.json, out)
+    return 0
+
+
+def build_cost(args, model, factors, train, queries, rescan_config, execution) -> int:
+    """Each of ``--methods`` built alone at 1/50 (nothing measured alongside) and answering 16 queries, against a rescan."""
+    _, rescan_s = timed(li.compute_scores, model, factors, queries, train, rescan_config, execution=execution)
+    out: dict = {"sequences": len(train), "tracked_layers": len(factors.layers), "rescan_s": rescan_s, "rescan_rank": args.rescan_rank, "methods": {}}
+    print(f"a rescan of {len(train)} sequences for 16 queries: {rescan_s:.1f} s")
+    for method in [m for m in args.methods.split(",") if m]:
+        index_dir = args.workdir / f"{args.model}-index-{method}-build-cost"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        index, build_s = timed(build_index, model, factors, train, index_dir, IndexConfig(method=method), execution=execution)
+        _, answer_s = timed(score_with_index, model, factors, GradientIndex.open(index_dir), queries, execution=execution)
+        out["methods"][method] = {"build_s": build_s, "answer_s": answer_s, "bytes_per_sequence": index.bytes_per_sequence}
+        print(f"{method} (1/50, {index.bytes_per_sequence:,} bytes per sequence): built alone in {build_s:.1f} s "
+              f"({build_s / rescan_s:.1f} rescans); 16 queries answered in {answer_s:.2f} s ({rescan_s / answer_s:.0f}× faster than the rescan)")
+        shutil.rmtree(index_dir, ignore_errors=True)
     save(args.json, out)
     return 0
 
