@@ -4,7 +4,8 @@
 A score is Σ_p x_p y_p with x = R / √(Λ + λ) a training sequence's whitened
 coordinates in the EK-FAC eigenbasis (R = Q_Sᵀ DW Q_A) and y the query's.
 Keeping some coordinates is exact on them and drops the rest, so the share of
-Σ x² a sequence keeps bounds what an eigenbasis index keeps of its scores.
+Σ x² a sequence keeps measures what an eigenbasis index keeps of its scores
+(exactly so for a query whose whitened coordinates are spread evenly).
 Per layer this prints:
 
 - the share of each sequence's whitened energy in its top 1, 2, 4, 8 and 20 %

@@ -13,7 +13,7 @@ import torch
 from helpers import allclose_report, lm_loss_fn, lm_summed_nll, loop_gradients, random_queries, random_sequences, tiny_gpt2, tiny_llama
 
 import lminfluence as li
-from lminfluence.errors import ConfigError
+from lminfluence.errors import ConfigError, CorruptFileError
 from lminfluence.hooks import resolve_modules
 from lminfluence.index import IndexConfig, build_index, score_with_index, two_stage_with_index
 from lminfluence.index.codecs import make_codec
@@ -204,10 +204,11 @@ def test_topk_positions_survive_their_two_byte_encoding():
     assert ((idx >= 1 << 16).any(1) & (idx < 1 << 16).any(1)).all()  # both blocks used by every row
 
 
-def test_topk_score_by_blocks_equals_the_dense_product():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_topk_score_by_blocks_equals_the_dense_product(dtype):
     """eigen_topk's score permutes the kept entries block by block (2¹⁶ positions each) and multiplies each
     block's sparse rows with the queries' rows of that block: it equals Σ_p M_q[p] R_z[p] over the kept
-    positions, in float64, with blocks that some sequences leave empty and a last block cut short."""
+    positions, with blocks that some sequences leave empty and a last block cut short."""
     codec = make_codec("eigen_topk", 700, 400, 10.0, 2)  # 280,000 positions: 5 blocks, the last of 17,856
     assert codec.blocks == 5
     g = torch.Generator().manual_seed(1)
@@ -220,6 +221,33 @@ def test_topk_score_by_blocks_equals_the_dense_product():
     assert (counts[:6, :2] == 0).all() and (counts[6, 2:] == 0).all() and (counts[:6, 4] > 0).all()
     m = torch.randn(3, D, generator=g, dtype=torch.float64)
     kept = torch.zeros_like(r).scatter_(1, codec.positions(arrays), arrays["values"])
-    prepared = codec.join([m[:2].T.contiguous(), m[2:].T.contiguous()])  # what prepare gives: [O·I, Q]
+    prepared = codec.join([m[:2].T.contiguous(), m[2:].T.contiguous()]).to(dtype)  # what prepare gives: [O·I, Q]
     expected = m @ kept.T
-    torch.testing.assert_close(codec.score(prepared, arrays), expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    got = codec.score(prepared, {**arrays, "values": arrays["values"].to(dtype)})
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_topk_score_of_one_sequence_keeping_everything_and_in_half_precision():
+    """n = 1 with k = O·I (every coordinate kept: the exact inner product), and float16 queries (multiplied in float32)."""
+    codec = make_codec("eigen_topk", 300, 400, 0.5, 8)  # a budget above the full size: every coordinate
+    assert codec.k == 300 * 400
+    g = torch.Generator().manual_seed(2)
+    r = torch.randn(1, 300 * 400, generator=g, dtype=torch.float64)
+    arrays = codec.arrays(r, codec.select(r, {"weight": torch.rand(300 * 400, generator=g)}))
+    m = torch.randn(2, 300 * 400, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(codec.score(m.T.contiguous(), arrays), m @ r.T, rtol=1e-12, atol=1e-9)
+    half = codec.score(m.T.contiguous().half(), {**arrays, "values": arrays["values"].half()})
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), m @ r.T, rtol=2e-2, atol=2e-2 * float((m @ r.T).abs().max()))
+
+
+def test_topk_position_past_the_layer_is_refused():
+    """A kept position beyond O·I (only a damaged file can hold one) is refused, not read past the queries' rows."""
+    codec = make_codec("eigen_topk", 300, 400, 20.0, 2)  # 120,000 positions: the second block holds 54,464
+    r = torch.randn(2, 300 * 400, dtype=torch.float64)
+    arrays = codec.arrays(r, torch.stack([torch.arange(codec.k), torch.arange(codec.k) + 300 * 400 - codec.k]))
+    arrays["offset"][1, -1] = (1 << 15) - 1  # offset 65,535 in the last block: position 131,071
+    with pytest.raises(CorruptFileError, match="past the end"):
+        codec.score(torch.randn(300 * 400, 2, dtype=torch.float64), arrays)

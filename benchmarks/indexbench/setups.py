@@ -98,6 +98,9 @@ def every_nth_block(factors: li.Factors, every: int) -> None:
     The factors of the other layers are dropped; a kept layer's shared A factor belongs to its own block.
     """
     cur = factors.curvature
+    unnumbered = [n for n in cur.layers if ".layers." not in n]
+    if unnumbered:
+        raise SystemExit(f"--blocks-every needs layers named '….layers.<block>.…'; {unnumbered[0]!r} is not")
     keep = {n for n in cur.layers if int(n.split(".layers.")[1].split(".")[0]) % every == 0}
     if any(n in keep and o not in keep for n, o in cur.shared_a.items()):
         raise SystemExit("a kept layer shares its A factor with a dropped one")

@@ -201,7 +201,7 @@ class Sweep:
         """
         u, s, v = arrays["u"].to(prepared.dtype), arrays["s"].to(prepared.dtype), arrays["v"].to(prepared.dtype)
         by_rank = sorted(((self.plans[(method, red)].codecs[name].r, red) for red in self.reductions))
-        r_hat = torch.zeros(u.shape[0], u.shape[1], v.shape[1], dtype=prepared.dtype)
+        r_hat = torch.zeros(u.shape[0], u.shape[1], v.shape[1], dtype=prepared.dtype, device=u.device)
         done = 0
         for r, red in by_rank:
             if r > done:
