@@ -154,30 +154,36 @@ class Sweep:
             for red, codec in codecs.items():
                 yield self._checked("eigen_topk", red, name, cap, basis, codec.arrays(r_full, top[:, : codec.k]), m_t)
         if "svd" in self.methods:
-            codecs = {red: self.plans[("svd", red)].codecs[name] for red in self.reductions}
-            big = max(codecs, key=lambda red: codecs[red].r)
-            u, s, v = truncated_svd(a_rot, ds_rot, codecs[big].r)  # the SVD of R: DW's, rotated
-            for red, codec in codecs.items():  # checked at every rank on the first batch
-                arrays = {"u": u[..., : codec.r], "s": s[:, : codec.r], "v": v[..., : codec.r]}
-                if not self.checked:
-                    self._checked("svd", red, name, cap, basis, arrays, m)
-            yield self._checked("svd", big, name, cap, basis, {"u": u, "s": s, "v": v}, m)
+            big = self._largest("svd", name)
+            u, s, v = truncated_svd(a_rot, ds_rot, self._rank("svd", big, name))  # the SVD of R: DW's, rotated
+            yield self._ranked("svd", big, name, cap, basis, {"u": u, "s": s, "v": v}, m)
         if "whitened_svd" in self.methods:
-            codecs = {red: self.plans[("whitened_svd", red)].codecs[name] for red in self.reductions}
-            big = max(codecs.values(), key=lambda c: c.r)
             aux = self.plans[("whitened_svd", self.reductions[0])].aux[name]
-            full = dict(zip("usv", truncated_svd(a_rot * aux["beta"].to(a_rot.dtype), ds_rot * aux["alpha"].to(a_rot.dtype), big.r)))
-            prepared = m / torch.outer(aux["alpha"], aux["beta"]).reshape(-1).to(m.dtype)  # the codec's prepare, from M
-            for red, codec in codecs.items():
-                arrays = {"u": full["u"][..., : codec.r], "s": full["s"][:, : codec.r], "v": full["v"][..., : codec.r]}
-                if not self.checked:
-                    self._checked("whitened_svd", red, name, cap, basis, arrays, prepared)
-            yield self._checked("whitened_svd", max(codecs, key=lambda red: codecs[red].r), name, cap, basis, full, prepared)
+            alpha, beta = aux["alpha"].to(a_rot.dtype), aux["beta"].to(a_rot.dtype)
+            big = self._largest("whitened_svd", name)
+            u, s, v = truncated_svd(a_rot * beta, ds_rot * alpha, self._rank("whitened_svd", big, name))
+            prepared = m / torch.outer(alpha, beta).reshape(-1)  # the codec's prepare, from M
+            yield self._ranked("whitened_svd", big, name, cap, basis, {"u": u, "s": s, "v": v}, prepared)
         if "random" in self.methods:
             for red in self.reductions:
                 plan = self.plans[("random", red)]
                 arrays = plan.codecs[name].encode(cap.a, cap.ds, basis, plan.aux[name])
                 yield ("random", red), self._store(arrays, r_full), self.random_queries[(red, name)]
+
+    def _rank(self, method: str, red: float, name: str) -> int:
+        return self.plans[(method, red)].codecs[name].r
+
+    def _largest(self, method: str, name: str) -> float:
+        """The reduction of ``method``'s largest rank for this layer."""
+        return max(self.reductions, key=lambda red: self._rank(method, red, name))
+
+    def _ranked(self, method, big, name, cap, basis, full, prepared):
+        """The largest rank's stored factors (the others are their prefixes), each smaller rank checked on the first batch."""
+        for red in self.reductions if not self.checked else ():
+            r = self._rank(method, red, name)
+            if red != big:
+                self._checked(method, red, name, cap, basis, {"u": full["u"][..., :r], "s": full["s"][:, :r], "v": full["v"][..., :r]}, prepared)
+        return self._checked(method, big, name, cap, basis, full, prepared)
 
     def _checked(self, method, red, name, cap, basis, arrays, prepared):
         """The shortcut's stored arrays, compared on the first batch with what the codec's own encode stores."""
@@ -200,7 +206,7 @@ class Sweep:
         rank (the codec's ``score`` would rebuild R̂ from scratch for every size).
         """
         u, s, v = arrays["u"].to(prepared.dtype), arrays["s"].to(prepared.dtype), arrays["v"].to(prepared.dtype)
-        by_rank = sorted(((self.plans[(method, red)].codecs[name].r, red) for red in self.reductions))
+        by_rank = sorted((self._rank(method, red, name), red) for red in self.reductions)
         r_hat = torch.zeros(u.shape[0], u.shape[1], v.shape[1], dtype=prepared.dtype, device=u.device)
         done = 0
         for r, red in by_rank:
